@@ -1,0 +1,70 @@
+# Everyday commands. `make help` lists them.
+SHELL := /bin/bash
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/ugc
+REDIS_URL ?= redis://127.0.0.1:6379
+UGC_LISTEN ?= 127.0.0.1:4001
+# Development-only signing key; set your own anywhere else.
+UGC_JWT_SECRET ?= dev-only-secret-change-me-0123456789
+export DATABASE_URL REDIS_URL UGC_LISTEN UGC_JWT_SECRET
+
+SEED_ARGS ?= --offers 1000 --users 5000 --reviews 50000 --seed 42
+CARGO ?= cargo
+BIN := target/release/ugc-subgraph
+SHARED ?= ../shared
+
+.PHONY: help run test services db build release migrate seed schema check-schema contract lint fmt gateway-deps gateway clean-test-dbs
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+run: services release db ## Set up everything, seed a small dataset, serve on 127.0.0.1:4001
+	$(BIN) seed $(SEED_ARGS)
+	@echo "GraphiQL: http://$(UGC_LISTEN)/graphql"
+	$(BIN) serve
+
+test: services gateway-deps clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end)
+	$(CARGO) test --workspace --locked
+	@if [ -f $(SHARED)/tools/contract_check.py ]; then $(MAKE) --no-print-directory contract; fi
+
+services: ## Start Postgres and Redis if they are not running (installs them if absent)
+	@scripts/ensure-services.sh
+
+db: ## Create the database named by DATABASE_URL if missing
+	@psql "$${DATABASE_URL%/*}/postgres" -Atc "SELECT 1 FROM pg_database WHERE datname = '$${DATABASE_URL##*/}'" | grep -q 1 \
+	  || psql "$${DATABASE_URL%/*}/postgres" -qc "CREATE DATABASE \"$${DATABASE_URL##*/}\""
+
+build: ## Debug build
+	$(CARGO) build --workspace
+
+release: ## Optimised build of the binary
+	$(CARGO) build --release --locked -p ugc-subgraph
+
+migrate: services release db ## Apply migrations
+	$(BIN) migrate
+
+seed: services release db ## Seed (SEED_ARGS="--offers N --users M --reviews K --seed S")
+	$(BIN) seed $(SEED_ARGS)
+
+schema: ## Regenerate schema/ugc-subgraph.graphql from the code
+	$(CARGO) run -q -p ugc-subgraph -- print-schema > schema/ugc-subgraph.graphql
+
+contract: ## Check the checked-in SDL against the public contract
+	@python3 -c 'import graphql' 2>/dev/null || pip install -q graphql-core
+	python3 $(SHARED)/tools/contract_check.py schema/ugc-subgraph.graphql
+
+lint: ## rustfmt and clippy, warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+gateway-deps: ## Install the gateway harness's pinned npm packages
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	@[ -d gateway/node_modules ] || npm ci --prefix gateway --no-audit --no-fund
+
+gateway: gateway-deps ## Run the offers subgraph and an Apollo gateway on :4000 (ugc-subgraph must run on :4001)
+	node gateway/offers.mjs & node gateway/gateway.mjs
+
+clean-test-dbs: ## Drop databases left by earlier test runs
+	@scripts/drop-test-databases.sh

@@ -1,0 +1,126 @@
+//! The `ugc-subgraph` command line: `serve` (default), `migrate`, `seed`,
+//! `print-schema`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::state::AppState;
+use crate::store::seed::SeedPlan;
+use crate::{graphql, server, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "ugc-subgraph",
+    version,
+    about = "Apollo Federation 2 subgraph for reviews and ratings of offers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply migrations, then serve GraphQL (the default).
+    Serve,
+    /// Apply migrations and exit.
+    Migrate,
+    /// Replace all reviews with deterministic generated data.
+    Seed {
+        #[arg(long, default_value_t = 1000)]
+        offers: u32,
+        #[arg(long, default_value_t = 5000)]
+        users: u32,
+        #[arg(long, default_value_t = 50_000)]
+        reviews: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Print the federation SDL (what schema/ugc-subgraph.graphql holds).
+    PrintSchema,
+}
+
+/// Runs the command line.
+///
+/// # Errors
+/// Bad configuration, Postgres unreachable for `migrate`/`seed`, a failed
+/// listener.
+pub async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::PrintSchema = command {
+        print!("{}", graphql::sdl(&graphql::schema_builder().finish()));
+        return Ok(());
+    }
+    let config = Config::from_env().context("invalid configuration")?;
+    telemetry::init(config.log_format);
+    let state = AppState::build(config).context("cannot set up the database pools")?;
+    match command {
+        Command::Migrate => {
+            state.store.migrate().await.context("migration failed")?;
+            tracing::info!("migrations applied");
+        }
+        Command::Seed {
+            offers,
+            users,
+            reviews,
+            seed,
+        } => {
+            state.store.migrate().await.context("migration failed")?;
+            let report = state
+                .store
+                .seed(SeedPlan {
+                    offers,
+                    users,
+                    reviews,
+                    seed,
+                })
+                .await?;
+            println!(
+                "seeded {} reviews over {offers} offers and {users} users (seed {seed}) in {:.2} s",
+                report.reviews,
+                report.elapsed.as_secs_f64()
+            );
+        }
+        Command::Serve => serve(state).await?,
+        Command::PrintSchema => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn serve(state: AppState) -> anyhow::Result<()> {
+    state
+        .store
+        .migrate()
+        .await
+        .context("migration failed (is Postgres up? see DATABASE_URL)")?;
+    let addr = state.config.http.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (UGC_LISTEN)"))?;
+    tracing::info!(config = ?state.config, "configuration");
+    tracing::info!("serving GraphQL on http://{addr}/graphql (GraphiQL: open it in a browser)");
+    let grace: Duration = state.config.http.shutdown_timeout;
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        state,
+        stop.clone().cancelled_owned(),
+    ));
+    shutdown::signal().await;
+    stop.cancel();
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished; bye"),
+        Ok(Ok(Err(e))) => return Err(e).context("server failed"),
+        Ok(Err(e)) => return Err(e).context("server task failed"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shutdown timed out; exiting with requests in flight"
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,413 @@
+//! All configuration, read once from the environment and validated at
+//! start-up. A missing, malformed or unknown setting is an error naming the
+//! variable; nothing else in the crate reads the environment.
+//!
+//! Every variable is listed in `.env.sample` with its default. Secrets are
+//! never printed: [`Config`]'s `Debug` redacts them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4001";
+pub const DEFAULT_DB_POOL_SIZE: u32 = 16;
+pub const DEFAULT_DB_ACQUIRE_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_DB_STATEMENT_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+pub const DEFAULT_MAX_DEPTH: usize = 15;
+pub const DEFAULT_MAX_COMPLEXITY: usize = 50_000;
+pub const DEFAULT_LOADER_DELAY_US: u64 = 500;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+
+/// The variables this service reads; any other `UGC_*` variable is a typo
+/// and refused.
+const KNOWN: &[&str] = &[
+    "DATABASE_URL",
+    "DATABASE_READ_URL",
+    "REDIS_URL",
+    "UGC_LISTEN",
+    "UGC_JWT_SECRET",
+    "UGC_TRUSTED_PROXIES",
+    "UGC_DB_POOL_SIZE",
+    "UGC_DB_ACQUIRE_TIMEOUT_MS",
+    "UGC_DB_STATEMENT_TIMEOUT_MS",
+    "UGC_REQUEST_TIMEOUT_MS",
+    "UGC_MAX_BODY_BYTES",
+    "UGC_MAX_DEPTH",
+    "UGC_MAX_COMPLEXITY",
+    "UGC_INTROSPECTION",
+    "UGC_MODERATE_ON_CREATE",
+    "UGC_LOADER_DELAY_US",
+    "UGC_LOG_FORMAT",
+    "UGC_SHUTDOWN_TIMEOUT_SECS",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0} is required but not set")]
+    Missing(&'static str),
+    #[error("{name}={value:?} is invalid: {reason}")]
+    Invalid {
+        name: String,
+        value: String,
+        reason: String,
+    },
+    #[error("{0} is not a setting of this service (known: {known})", known = KNOWN.join(", "))]
+    Unknown(String),
+}
+
+/// Postgres connection settings.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    /// Primary: all writes, and reads unless `read_url` is set.
+    pub url: String,
+    /// Optional read replica for the read path. Replication lag makes a
+    /// write invisible there for a moment; leave unset when read-your-writes
+    /// across requests matters more than offloading the primary.
+    pub read_url: Option<String>,
+    pub pool_size: u32,
+    pub acquire_timeout: Duration,
+    /// Server-side `statement_timeout` for every connection.
+    pub statement_timeout: Duration,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+}
+
+/// GraphQL execution policy.
+#[derive(Debug, Clone)]
+pub struct GraphqlConfig {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    pub introspection: bool,
+    /// How long a DataLoader waits to gather keys into one batch.
+    pub loader_delay: Duration,
+}
+
+/// Authentication and trust.
+#[derive(Clone)]
+pub struct AuthConfig {
+    /// HS256 secret; without it every mutation is `UNAUTHENTICATED`.
+    pub jwt_secret: Option<String>,
+    /// Raw CIDR list of proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+}
+
+/// Domain behaviour switches.
+#[derive(Debug, Clone, Default)]
+pub struct DomainConfig {
+    /// New reviews start `PENDING` and wait for a moderator.
+    pub moderate_on_create: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis_url: Option<String>,
+    pub http: HttpConfig,
+    pub graphql: GraphqlConfig,
+    pub auth: AuthConfig,
+    pub domain: DomainConfig,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    /// The first missing, malformed or unknown variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads settings from any list of variables (tests pass their own).
+    ///
+    /// # Errors
+    /// The first missing, malformed or unknown variable.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env = Env(vars.into_iter().collect());
+        if let Some(unknown) = env
+            .0
+            .keys()
+            .find(|k| k.starts_with("UGC_") && !KNOWN.contains(&k.as_str()))
+        {
+            return Err(ConfigError::Unknown(unknown.clone()));
+        }
+        let database = DatabaseConfig {
+            url: env
+                .postgres_url("DATABASE_URL")?
+                .ok_or(ConfigError::Missing("DATABASE_URL"))?,
+            read_url: env.postgres_url("DATABASE_READ_URL")?,
+            pool_size: env.parse_in("UGC_DB_POOL_SIZE", DEFAULT_DB_POOL_SIZE, 1..=1000)?,
+            acquire_timeout: env
+                .millis("UGC_DB_ACQUIRE_TIMEOUT_MS", DEFAULT_DB_ACQUIRE_TIMEOUT_MS)?,
+            statement_timeout: env.millis(
+                "UGC_DB_STATEMENT_TIMEOUT_MS",
+                DEFAULT_DB_STATEMENT_TIMEOUT_MS,
+            )?,
+        };
+        let redis_url = match env.get("REDIS_URL") {
+            Some(url) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => {
+                return Err(env.invalid("REDIS_URL", "expected redis://host:port[/db]"));
+            }
+            other => other.map(str::to_owned),
+        };
+        let http = HttpConfig {
+            listen: env.parse("UGC_LISTEN", DEFAULT_LISTEN.parse().expect("valid default"))?,
+            request_timeout: env.millis("UGC_REQUEST_TIMEOUT_MS", DEFAULT_REQUEST_TIMEOUT_MS)?,
+            max_body_bytes: env.parse_in(
+                "UGC_MAX_BODY_BYTES",
+                DEFAULT_MAX_BODY_BYTES,
+                1024..=64 * 1024 * 1024,
+            )?,
+            shutdown_timeout: Duration::from_secs(env.parse_in(
+                "UGC_SHUTDOWN_TIMEOUT_SECS",
+                DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+                0..=3600,
+            )?),
+        };
+        let graphql = GraphqlConfig {
+            max_depth: env.parse_in("UGC_MAX_DEPTH", DEFAULT_MAX_DEPTH, 1..=1000)?,
+            max_complexity: env.parse_in(
+                "UGC_MAX_COMPLEXITY",
+                DEFAULT_MAX_COMPLEXITY,
+                1..=10_000_000,
+            )?,
+            introspection: env.bool("UGC_INTROSPECTION", true)?,
+            loader_delay: Duration::from_micros(env.parse_in(
+                "UGC_LOADER_DELAY_US",
+                DEFAULT_LOADER_DELAY_US,
+                0..=100_000,
+            )?),
+        };
+        let jwt_secret = env.get("UGC_JWT_SECRET").map(str::to_owned);
+        if jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(env.invalid("UGC_JWT_SECRET", "must be at least 16 bytes"));
+        }
+        let trusted_proxies = env
+            .get("UGC_TRUSTED_PROXIES")
+            .map(|raw| {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let log_format = match env.get("UGC_LOG_FORMAT") {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(_) => return Err(env.invalid("UGC_LOG_FORMAT", "expected text or json")),
+        };
+        Ok(Self {
+            database,
+            redis_url,
+            http,
+            graphql,
+            auth: AuthConfig {
+                jwt_secret,
+                trusted_proxies,
+            },
+            domain: DomainConfig {
+                moderate_on_create: env.bool("UGC_MODERATE_ON_CREATE", false)?,
+            },
+            log_format,
+        })
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database.url))
+            .field(
+                "database_read_url",
+                &self.database.read_url.as_deref().map(redact_url),
+            )
+            .field("db_pool_size", &self.database.pool_size)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("http", &self.http)
+            .field("graphql", &self.graphql)
+            .field(
+                "jwt_secret",
+                &self.auth.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("trusted_proxies", &self.auth.trusted_proxies)
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+struct Env(HashMap<String, String>);
+
+impl Env {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn invalid(&self, name: &str, reason: impl fmt::Display) -> ConfigError {
+        let value = self.0.get(name).cloned().unwrap_or_default();
+        let value = if name.contains("SECRET") {
+            "<redacted>".into()
+        } else {
+            value
+        };
+        ConfigError::Invalid {
+            name: name.to_owned(),
+            value,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw.trim().parse().map_err(|e| self.invalid(name, e)),
+        }
+    }
+
+    fn parse_in<T>(
+        &self,
+        name: &str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+        T::Err: fmt::Display,
+    {
+        let value = self.parse(name, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.invalid(
+                name,
+                format!("must be between {} and {}", range.start(), range.end()),
+            ))
+        }
+    }
+
+    fn millis(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(self.parse_in(
+            name,
+            default,
+            1..=3_600_000,
+        )?))
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("1" | "true" | "on" | "yes") => Ok(true),
+            Some("0" | "false" | "off" | "no") => Ok(false),
+            Some(_) => Err(self.invalid(name, "expected true/false, on/off or 1/0")),
+        }
+    }
+
+    fn postgres_url(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Some(url.to_owned()))
+            }
+            Some(_) => Err(self.invalid(name, "expected postgres://user@host:port/database")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_with_only_the_database() {
+        let c = Config::from_vars(vars(&[(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1/ugc",
+        )]))
+        .unwrap();
+        assert_eq!(c.http.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.database.pool_size, DEFAULT_DB_POOL_SIZE);
+        assert!(c.redis_url.is_none() && c.auth.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        assert_eq!(
+            Config::from_vars(vars(&[])).unwrap_err(),
+            ConfigError::Missing("DATABASE_URL")
+        );
+        let db = ("DATABASE_URL", "postgres://x@h/d");
+        for (bad, name) in [
+            (("UGC_LISTEN", "nowhere"), "UGC_LISTEN"),
+            (("UGC_DB_POOL_SIZE", "0"), "UGC_DB_POOL_SIZE"),
+            (("UGC_INTROSPECTION", "maybe"), "UGC_INTROSPECTION"),
+            (("REDIS_URL", "localhost:6379"), "REDIS_URL"),
+            (("UGC_JWT_SECRET", "short"), "UGC_JWT_SECRET"),
+        ] {
+            let err = Config::from_vars(vars(&[db, bad])).unwrap_err();
+            assert!(err.to_string().starts_with(name), "{err}");
+        }
+        let err = Config::from_vars(vars(&[db, ("UGC_LISTN", "1")])).unwrap_err();
+        assert_eq!(err, ConfigError::Unknown("UGC_LISTN".into()));
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let c = Config::from_vars(vars(&[
+            ("DATABASE_URL", "postgres://app:hunter2@db/ugc"),
+            ("UGC_JWT_SECRET", "a-very-secret-signing-key"),
+        ]))
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("very-secret"),
+            "{shown}"
+        );
+        assert!(shown.contains("app:***@db/ugc"));
+    }
+}

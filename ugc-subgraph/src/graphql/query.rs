@@ -1,0 +1,50 @@
+//! Root query fields of the contract.
+
+use async_graphql::{Context, Object, ID};
+
+use super::types::{Offer, ReviewObject, User};
+use super::RequestAuth;
+use crate::domain::{parse_review_id, EntityId, Viewer};
+use crate::error::ApiError;
+use crate::loaders::{Loaders, ReviewKey};
+
+#[derive(Default)]
+pub struct RootQuery;
+
+#[Object]
+impl RootQuery {
+    /// A published review, or any review to its author and to moderators; null otherwise.
+    async fn review(&self, ctx: &Context<'_>, id: ID) -> Result<Option<ReviewObject>, ApiError> {
+        let id = parse_review_id(&id)?;
+        visible_review(ctx, id).await
+    }
+
+    /// The review-side view of an offer (an entity stub: any id is valid).
+    async fn offer(&self, id: ID) -> Result<Offer, ApiError> {
+        Ok(Offer {
+            id: EntityId::new(&id, "id")?.into_string(),
+        })
+    }
+
+    /// The review-side view of a user (an entity stub: any id is valid).
+    async fn user(&self, id: ID) -> Result<User, ApiError> {
+        Ok(User {
+            id: EntityId::new(&id, "id")?.into_string(),
+        })
+    }
+}
+
+/// The review with this id if the request's viewer may see it.
+pub(super) async fn visible_review(
+    ctx: &Context<'_>,
+    id: i64,
+) -> Result<Option<ReviewObject>, ApiError> {
+    let viewer: &Viewer = ctx
+        .data_opt::<RequestAuth>()
+        .map_or(&Viewer::Anonymous, RequestAuth::reader);
+    let review = ctx
+        .data_unchecked::<Loaders>()
+        .load_one(ReviewKey(id))
+        .await?;
+    Ok(review.filter(|r| viewer.can_see(r)).map(ReviewObject))
+}

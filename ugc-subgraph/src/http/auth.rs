@@ -1,0 +1,157 @@
+//! Bearer-token authentication: `Authorization: Bearer <JWT>` (HS256,
+//! `UGC_JWT_SECRET`) → [`Viewer`]. Tokens are never logged.
+//!
+//! Reads need no token: a request without one is anonymous. A request with a
+//! bad token reads as anonymous too, but its mutations fail with the reason.
+
+use axum::http::{header, HeaderMap};
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::domain::{EntityId, Viewer};
+
+/// Why a token was refused. Messages are safe to show to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication required: send Authorization: Bearer <token>")]
+    Missing,
+    #[error("malformed Authorization header: expected Bearer <token>")]
+    Malformed,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token")]
+    Invalid,
+    #[error("token subject must be 1 to 64 characters")]
+    BadSubject,
+    #[error("authentication is not configured on this service")]
+    NotConfigured,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Verifies tokens with one HS256 key.
+#[derive(Clone)]
+pub struct Authenticator {
+    key: Option<DecodingKey>,
+    validation: Validation,
+}
+
+impl Authenticator {
+    pub fn new(secret: Option<&str>) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        Self {
+            key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
+            validation,
+        }
+    }
+
+    /// The viewer of a request: `Ok(Anonymous)` without a token.
+    ///
+    /// # Errors
+    /// A token was sent and is not acceptable.
+    pub fn viewer(&self, headers: &HeaderMap) -> Result<Viewer, AuthError> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Ok(Viewer::Anonymous);
+        };
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Malformed)?;
+        let key = self.key.as_ref().ok_or(AuthError::NotConfigured)?;
+        let claims = decode::<Claims>(token, key, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid,
+            })?
+            .claims;
+        let id = EntityId::new(&claims.sub, "sub").map_err(|_| AuthError::BadSubject)?;
+        Ok(Viewer::User {
+            id: id.into_string(),
+            moderator: claims.roles.iter().any(|r| r == "moderator"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "test-secret-0123456789";
+
+    fn token(secret: &str, claims: serde_json::Value, alg: Algorithm) -> HeaderMap {
+        let t = encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
+        h
+    }
+
+    fn exp(offset: i64) -> i64 {
+        chrono::Utc::now().timestamp() + offset
+    }
+
+    #[test]
+    fn verifies_tokens() {
+        let auth = Authenticator::new(Some(SECRET));
+        assert_eq!(auth.viewer(&HeaderMap::new()), Ok(Viewer::Anonymous));
+        let ok = token(
+            SECRET,
+            serde_json::json!({"sub": "u1", "exp": exp(60), "roles": ["moderator"]}),
+            Algorithm::HS256,
+        );
+        assert_eq!(
+            auth.viewer(&ok),
+            Ok(Viewer::User {
+                id: "u1".into(),
+                moderator: true
+            })
+        );
+        let expired = token(
+            SECRET,
+            serde_json::json!({"sub": "u1", "exp": exp(-3600)}),
+            Algorithm::HS256,
+        );
+        assert_eq!(auth.viewer(&expired), Err(AuthError::Expired));
+        let forged = token(
+            "another-secret-999999",
+            serde_json::json!({"sub": "u1", "exp": exp(60)}),
+            Algorithm::HS256,
+        );
+        assert_eq!(auth.viewer(&forged), Err(AuthError::Invalid));
+        let other_alg = token(
+            SECRET,
+            serde_json::json!({"sub": "u1", "exp": exp(60)}),
+            Algorithm::HS384,
+        );
+        assert_eq!(auth.viewer(&other_alg), Err(AuthError::Invalid));
+        let no_exp = token(SECRET, serde_json::json!({"sub": "u1"}), Algorithm::HS256);
+        assert_eq!(auth.viewer(&no_exp), Err(AuthError::Invalid));
+        let long_sub = token(
+            SECRET,
+            serde_json::json!({"sub": "x".repeat(65), "exp": exp(60)}),
+            Algorithm::HS256,
+        );
+        assert_eq!(auth.viewer(&long_sub), Err(AuthError::BadSubject));
+        let mut basic = HeaderMap::new();
+        basic.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(auth.viewer(&basic), Err(AuthError::Malformed));
+    }
+}

@@ -1,0 +1,177 @@
+//! Postgres access: every SQL statement of the service lives under this
+//! module. Reads are batched (one statement per batch of keys); writes run in
+//! one transaction together with their outbox event.
+//!
+//! The store knows nothing about caching or GraphQL. Each statement is timed
+//! and counted in [`Metrics`] under a fixed name, so the statement bound of the
+//! read path can be observed from `/metrics`.
+
+mod pages;
+mod reads;
+pub mod seed;
+mod writes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+
+use crate::config::DatabaseConfig;
+use crate::domain::{InvalidInput, Review, ReviewStatus};
+use crate::telemetry::metrics::Metrics;
+
+pub use pages::PageKey;
+pub use writes::{NewReview, ReviewPatch};
+
+/// Migrations embedded in the binary; applied by `serve` and `migrate`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A failure to talk to Postgres or to make sense of what it returned.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("statement {statement} failed: {source}")]
+    Query {
+        statement: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("invalid data in the database: {0}")]
+    Corrupt(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Why a write did not happen. Everything but `Store` is the caller's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("review not found")]
+    NotFound,
+    #[error("not allowed to change this review")]
+    Forbidden,
+    #[error("you have already reviewed this offer")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Connection pools and statement accounting.
+#[derive(Clone)]
+pub struct Store {
+    /// Writes, and reads when no replica is configured.
+    primary: PgPool,
+    /// The read path's pool: the replica if configured, else `primary`.
+    replica: PgPool,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Opens the pools lazily (the service starts, and reports not-ready,
+    /// while Postgres is down).
+    ///
+    /// # Errors
+    /// A URL that does not parse.
+    pub fn connect(config: &DatabaseConfig, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let pool = |url: &str| -> Result<PgPool, StoreError> {
+            let options: PgConnectOptions = url.parse().map_err(StoreError::Unavailable)?;
+            let timeout_ms = config.statement_timeout.as_millis().to_string();
+            let options = options
+                .application_name("ugc-subgraph")
+                .options([("statement_timeout", timeout_ms.as_str())]);
+            Ok(PgPoolOptions::new()
+                .max_connections(config.pool_size)
+                .min_connections(1)
+                .acquire_timeout(config.acquire_timeout)
+                .connect_lazy_with(options))
+        };
+        let primary = pool(&config.url)?;
+        let replica = match &config.read_url {
+            Some(url) => pool(url)?,
+            None => primary.clone(),
+        };
+        Ok(Self {
+            primary,
+            replica,
+            metrics,
+        })
+    }
+
+    /// Applies pending migrations.
+    ///
+    /// # Errors
+    /// Postgres unreachable, or a migration failed.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.primary).await?;
+        Ok(())
+    }
+
+    /// True when Postgres answers and every embedded migration is applied.
+    ///
+    /// # Errors
+    /// Postgres unreachable.
+    pub async fn ready(&self) -> Result<bool, StoreError> {
+        let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> = self
+            .timed("migrations_applied", async {
+                sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&self.primary)
+                    .await
+            })
+            .await?;
+        Ok(applied == Some(latest))
+    }
+
+    pub fn primary(&self) -> &PgPool {
+        &self.primary
+    }
+
+    /// Runs one statement, recording its latency and outcome.
+    async fn timed<T>(
+        &self,
+        statement: &'static str,
+        query: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = query.await;
+        self.metrics
+            .sql(statement, started.elapsed(), result.is_ok());
+        result.map_err(|e| classify(statement, e))
+    }
+}
+
+fn classify(statement: &'static str, error: sqlx::Error) -> StoreError {
+    match error {
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
+            StoreError::Unavailable(e)
+        }
+        source => StoreError::Query { statement, source },
+    }
+}
+
+/// The columns of [`review_from_row`], in order.
+const REVIEW_COLUMNS: &str =
+    "r.id, r.offer_id, r.author_id, r.rating, r.body, r.status, r.created_at, r.updated_at, r.version";
+
+fn review_from_row(row: &sqlx::postgres::PgRow) -> Result<Review, StoreError> {
+    let status: &str = row
+        .try_get("status")
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+    Ok(Review {
+        id: row.try_get("id").map_err(get)?,
+        offer_id: row.try_get("offer_id").map_err(get)?,
+        author_id: row.try_get("author_id").map_err(get)?,
+        rating: row.try_get("rating").map_err(get)?,
+        text: row.try_get("body").map_err(get)?,
+        status: ReviewStatus::parse(status)
+            .ok_or_else(|| StoreError::Corrupt(format!("review status {status:?}")))?,
+        created_at: row.try_get("created_at").map_err(get)?,
+        updated_at: row.try_get("updated_at").map_err(get)?,
+        version: row.try_get("version").map_err(get)?,
+    })
+}

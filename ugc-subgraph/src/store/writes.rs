@@ -1,0 +1,244 @@
+//! Mutations: each one is a single transaction that locks the review row,
+//! checks who may change it, changes it, and appends the entity-change event
+//! to the outbox. Aggregates follow through the table trigger in the same
+//! transaction, so a committed write is visible to the very next read.
+
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use super::{review_from_row, Store, StoreError, WriteError, REVIEW_COLUMNS};
+use crate::domain::{EntityId, Rating, Review, ReviewStatus, ReviewText, Viewer};
+use crate::events::{Event, ReviewChange};
+
+/// Name of the unique index that allows one live review per (offer, author).
+const ONE_REVIEW_PER_AUTHOR: &str = "reviews_one_live_per_author";
+
+/// A validated review to create.
+#[derive(Debug, Clone)]
+pub struct NewReview {
+    pub offer_id: EntityId,
+    pub author_id: EntityId,
+    pub rating: Rating,
+    pub text: ReviewText,
+    pub status: ReviewStatus,
+}
+
+/// A validated change; at least one field is set.
+#[derive(Debug, Clone, Default)]
+pub struct ReviewPatch {
+    pub rating: Option<Rating>,
+    pub text: Option<ReviewText>,
+}
+
+/// What a locked row looks like before the change.
+enum Locked {
+    Missing,
+    Deleted(Review),
+    Live(Review),
+}
+
+impl Store {
+    /// Creates a review; `Conflict` when the author already has a live
+    /// review of this offer.
+    ///
+    /// # Errors
+    /// `Conflict`, or the store failing.
+    pub async fn create_review(&self, new: NewReview) -> Result<Review, WriteError> {
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "INSERT INTO reviews AS r (offer_id, author_id, rating, body, status) VALUES ($1, $2, $3, $4, $5) \
+             RETURNING {REVIEW_COLUMNS}"
+        );
+        let inserted = self
+            .timed(
+                "insert_review",
+                sqlx::query(&sql)
+                    .bind(new.offer_id.as_str())
+                    .bind(new.author_id.as_str())
+                    .bind(new.rating.get())
+                    .bind(new.text.as_str())
+                    .bind(new.status.as_str())
+                    .fetch_one(&mut *tx),
+            )
+            .await;
+        let row = match inserted {
+            Err(StoreError::Query {
+                source: sqlx::Error::Database(e),
+                ..
+            }) if e.constraint() == Some(ONE_REVIEW_PER_AUTHOR) => {
+                return Err(WriteError::Conflict);
+            }
+            other => other?,
+        };
+        let review = review_from_row(&row)?;
+        self.append_event(&mut tx, &review, ReviewChange::Created)
+            .await?;
+        self.commit(tx).await?;
+        Ok(review)
+    }
+
+    /// Changes rating and/or text; only the author or a moderator.
+    ///
+    /// # Errors
+    /// `NotFound` (also for a review the viewer may not see), `Forbidden`,
+    /// or the store failing.
+    pub async fn update_review(
+        &self,
+        viewer: &Viewer,
+        id: i64,
+        patch: ReviewPatch,
+    ) -> Result<Review, WriteError> {
+        let mut tx = self.begin().await?;
+        let current = live_editable(viewer, self.lock(&mut tx, id).await?)?;
+        let sql = format!(
+            "UPDATE reviews r SET rating = COALESCE($2, rating), body = COALESCE($3, body), \
+                 updated_at = date_trunc('milliseconds', now()), version = version + 1 \
+             WHERE id = $1 RETURNING {REVIEW_COLUMNS}"
+        );
+        let row = self
+            .timed(
+                "update_review",
+                sqlx::query(&sql)
+                    .bind(current.id)
+                    .bind(patch.rating.map(Rating::get))
+                    .bind(patch.text.as_ref().map(ReviewText::as_str))
+                    .fetch_one(&mut *tx),
+            )
+            .await?;
+        let review = review_from_row(&row)?;
+        self.append_event(&mut tx, &review, ReviewChange::Updated)
+            .await?;
+        self.commit(tx).await?;
+        Ok(review)
+    }
+
+    /// Soft-deletes a review; `Ok(false)` when the viewer's review was
+    /// already deleted.
+    ///
+    /// # Errors
+    /// `NotFound`, `Forbidden`, or the store failing.
+    pub async fn delete_review(&self, viewer: &Viewer, id: i64) -> Result<bool, WriteError> {
+        let mut tx = self.begin().await?;
+        let current = match self.lock(&mut tx, id).await? {
+            Locked::Deleted(review) if viewer.can_edit(&review) => return Ok(false),
+            locked => live_editable(viewer, locked)?,
+        };
+        let sql = format!(
+            "UPDATE reviews r SET deleted_at = now(), updated_at = date_trunc('milliseconds', now()), \
+                 version = version + 1 \
+             WHERE id = $1 RETURNING {REVIEW_COLUMNS}"
+        );
+        let row = self
+            .timed(
+                "delete_review",
+                sqlx::query(&sql).bind(current.id).fetch_one(&mut *tx),
+            )
+            .await?;
+        let review = review_from_row(&row)?;
+        self.append_event(&mut tx, &review, ReviewChange::Deleted)
+            .await?;
+        self.commit(tx).await?;
+        Ok(true)
+    }
+
+    /// Sets a review's status. The caller has checked the viewer is a
+    /// moderator.
+    ///
+    /// # Errors
+    /// `NotFound`, or the store failing.
+    pub async fn moderate_review(
+        &self,
+        id: i64,
+        status: ReviewStatus,
+    ) -> Result<Review, WriteError> {
+        let mut tx = self.begin().await?;
+        let Locked::Live(current) = self.lock(&mut tx, id).await? else {
+            return Err(WriteError::NotFound);
+        };
+        let sql = format!(
+            "UPDATE reviews r SET status = $2, updated_at = date_trunc('milliseconds', now()), \
+                 version = version + 1 \
+             WHERE id = $1 RETURNING {REVIEW_COLUMNS}"
+        );
+        let row = self
+            .timed(
+                "moderate_review",
+                sqlx::query(&sql)
+                    .bind(current.id)
+                    .bind(status.as_str())
+                    .fetch_one(&mut *tx),
+            )
+            .await?;
+        let review = review_from_row(&row)?;
+        self.append_event(&mut tx, &review, ReviewChange::Moderated)
+            .await?;
+        self.commit(tx).await?;
+        Ok(review)
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.timed("begin", self.primary.begin()).await
+    }
+
+    async fn commit(&self, tx: Transaction<'static, Postgres>) -> Result<(), StoreError> {
+        self.timed("commit", tx.commit()).await
+    }
+
+    /// Locks the row for the rest of the transaction.
+    async fn lock(&self, conn: &mut PgConnection, id: i64) -> Result<Locked, StoreError> {
+        let sql = format!("SELECT {REVIEW_COLUMNS}, r.deleted_at IS NOT NULL AS deleted FROM reviews r WHERE r.id = $1 FOR UPDATE");
+        let row = self
+            .timed(
+                "lock_review",
+                sqlx::query(&sql).bind(id).fetch_optional(conn),
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(Locked::Missing);
+        };
+        let deleted: bool =
+            sqlx::Row::try_get(&row, "deleted").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let review = review_from_row(&row)?;
+        Ok(if deleted {
+            Locked::Deleted(review)
+        } else {
+            Locked::Live(review)
+        })
+    }
+
+    /// Appends the event for `review` to the outbox (same transaction).
+    async fn append_event(
+        &self,
+        conn: &mut PgConnection,
+        review: &Review,
+        change: ReviewChange,
+    ) -> Result<(), StoreError> {
+        let event = Event::ReviewChanged {
+            review_id: review.id,
+            offer_id: review.offer_id.clone(),
+            author_id: review.author_id.clone(),
+            change,
+            version: review.version,
+        };
+        let payload =
+            serde_json::to_value(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.timed(
+            "insert_outbox",
+            sqlx::query("INSERT INTO outbox (event) VALUES ($1)")
+                .bind(payload)
+                .execute(conn),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A live review the viewer may change. A review the viewer may not even see
+/// is reported as not found, so its existence does not leak.
+fn live_editable(viewer: &Viewer, locked: Locked) -> Result<Review, WriteError> {
+    match locked {
+        Locked::Missing | Locked::Deleted(_) => Err(WriteError::NotFound),
+        Locked::Live(review) if !viewer.can_see(&review) => Err(WriteError::NotFound),
+        Locked::Live(review) if !viewer.can_edit(&review) => Err(WriteError::Forbidden),
+        Locked::Live(review) => Ok(review),
+    }
+}
