@@ -19,7 +19,7 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 pub const DEFAULT_MAX_DEPTH: usize = 15;
 pub const DEFAULT_MAX_COMPLEXITY: usize = 50_000;
-pub const DEFAULT_LOADER_DELAY_US: u64 = 500;
+pub const DEFAULT_LOADER_DELAY_US: u64 = 1_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
 /// The variables this service reads; any other `UGC_*` variable is a typo

@@ -181,6 +181,9 @@ pub struct ReviewConnection {
     page: Arc<Page>,
     scope: Arc<ListScope>,
     order: ReviewOrder,
+    /// Loaded with the page when the query selects `totalCount`, so the
+    /// count joins the same loader round as the page (and as `rating`).
+    total: Option<i64>,
 }
 
 impl ReviewConnection {
@@ -204,15 +207,19 @@ impl ReviewConnection {
             size,
             after,
         };
-        let page = ctx
-            .data_unchecked::<Loaders>()
-            .load_one(key)
-            .await?
-            .unwrap_or_default();
+        let loaders = ctx.data_unchecked::<Loaders>();
+        let (page, total) = if ctx.look_ahead().field("totalCount").exists() {
+            let (page, total) =
+                futures::future::try_join(loaders.load_one(key), total_count(loaders, &scope)).await?;
+            (page, Some(total))
+        } else {
+            (loaders.load_one(key).await?, None)
+        };
         Ok(Self {
-            page,
+            page: page.unwrap_or_default(),
             scope: Arc::new(scope),
             order,
+            total,
         })
     }
 
@@ -258,6 +265,14 @@ impl ReviewConnection {
         };
         Ok(clamp_count(n.unwrap_or(0)))
     }
+}
+
+/// Published reviews in a list: the offer's rating count or the author's count.
+async fn total_count(loaders: &Loaders, scope: &ListScope) -> Result<i64, crate::loaders::LoadError> {
+    Ok(match scope {
+        ListScope::Offer(id) => loaders.load_one(RatingKey(id.clone())).await?.map_or(0, |s| s.count),
+        ListScope::Author(id) => loaders.load_one(AuthorCountKey(id.clone())).await?.unwrap_or(0),
+    })
 }
 
 pub struct ReviewEdge<'a> {

@@ -79,6 +79,9 @@ pub async fn execute(
             )
         }
     };
+    if requests(&batch).any(|r| r.query.trim().is_empty()) {
+        return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", "the request has no `query`");
+    }
     let operation = operation_kind(&batch);
     let batch = batch.data(RequestAuth(state.auth.viewer(&headers)));
 
@@ -123,21 +126,26 @@ fn observe(state: &AppState, operation: &'static str, outcome: &'static str, sta
         .observe(started.elapsed().as_secs_f64());
 }
 
+fn requests(batch: &BatchRequest) -> impl Iterator<Item = &async_graphql::Request> {
+    match batch {
+        BatchRequest::Single(r) => std::slice::from_ref(r).iter(),
+        BatchRequest::Batch(rs) => rs.iter(),
+    }
+}
+
 /// `query` or `mutation`: a bounded label, not the client's operation name.
 fn operation_kind(batch: &BatchRequest) -> &'static str {
-    let first = match batch {
-        BatchRequest::Single(r) => Some(r),
-        BatchRequest::Batch(rs) => rs.first(),
-    };
-    match first.map(|r| r.query.trim_start()) {
+    match requests(batch).next().map(|r| r.query.trim_start()) {
         Some(q) if q.starts_with("mutation") => "mutation",
         _ => "query",
     }
 }
 
 /// Gives every error without a code one: errors of our resolvers always have
-/// one, so what is left comes from async-graphql itself — a request error
-/// (parse, validation, limits: no data) or an argument that failed to coerce.
+/// one, so what is left comes from async-graphql itself. A value of the wrong
+/// type (literal or variable) is `BAD_USER_INPUT`, as Apollo Server reports
+/// it; other request errors (syntax, unknown fields, depth and complexity
+/// limits: no data) are `GRAPHQL_VALIDATION_FAILED`.
 /// Returns whether any response is a request error.
 fn add_default_codes(response: &mut BatchResponse) -> bool {
     let responses: Vec<&mut async_graphql::Response> = match response {
@@ -149,21 +157,15 @@ fn add_default_codes(response: &mut BatchResponse) -> bool {
         let no_data = matches!(r.data, Value::Null);
         request_error |= no_data && !r.errors.is_empty();
         for error in &mut r.errors {
-            let has_code = error
-                .extensions
-                .as_ref()
-                .is_some_and(|e| e.get("code").is_some());
-            if !has_code {
-                let code = if no_data {
-                    "GRAPHQL_VALIDATION_FAILED"
-                } else {
-                    "BAD_USER_INPUT"
-                };
-                error
-                    .extensions
-                    .get_or_insert_with(ErrorExtensionValues::default)
-                    .set("code", code);
-            }
+            let has_code = error.extensions.as_ref().is_some_and(|e| e.get("code").is_some());
+            let wrong_value = error.message.starts_with("Invalid value for argument");
+            let code = match (wrong_value, has_code) {
+                (true, _) => "BAD_USER_INPUT",
+                (false, true) => continue,
+                (false, false) if no_data => "GRAPHQL_VALIDATION_FAILED",
+                (false, false) => "BAD_USER_INPUT",
+            };
+            error.extensions.get_or_insert_with(ErrorExtensionValues::default).set("code", code);
         }
     }
     request_error

@@ -1,0 +1,13 @@
+//! Integration tests: real Postgres, real HTTP, one database per test.
+//! Files are named by the behaviour they check.
+
+mod bad_input;
+mod gateway;
+mod http_surface;
+mod lifecycle;
+mod mutations;
+mod reads;
+mod schema;
+mod seed;
+mod sql_bound;
+mod support;

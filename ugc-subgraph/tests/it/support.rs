@@ -1,0 +1,153 @@
+//! `TestApp`: a real ugc-subgraph instance for one test, on its own fresh
+//! Postgres database and a free port, talked to over HTTP like the gateway.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, EncodingKey, Header};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use ugc_subgraph::config::Config;
+use ugc_subgraph::server;
+use ugc_subgraph::state::AppState;
+use ugc_subgraph::store::seed::SeedPlan;
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_PG_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh, empty database; returns its URL.
+pub async fn fresh_database() -> (String, String) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    let name = format!("ugc_t_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos % 100_000);
+    let admin = PgPool::connect(&admin_url()).await.expect("Postgres must run on 127.0.0.1:5432 (make services)");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.unwrap();
+    admin.close().await;
+    let base = admin_url();
+    let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+    (name, url)
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db_url: String,
+    pub db: PgPool,
+    pub state: AppState,
+    client: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl TestApp {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts an instance with extra environment settings.
+    pub async fn start_with(vars: &[(&str, &str)]) -> Self {
+        let (_, db_url) = fresh_database().await;
+        Self::start_on(&db_url, vars).await
+    }
+
+    /// Starts an instance on an existing database (several instances may share one).
+    pub async fn start_on(db_url: &str, vars: &[(&str, &str)]) -> Self {
+        let mut env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), db_url.to_owned()),
+            ("UGC_JWT_SECRET".into(), SECRET.into()),
+            ("UGC_LISTEN".into(), "127.0.0.1:0".into()),
+            ("UGC_DB_POOL_SIZE".into(), "8".into()),
+        ];
+        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Config::from_vars(env).expect("valid test configuration");
+        let state = AppState::build(config).unwrap();
+        state.store.migrate().await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(server::serve(listener, state.clone(), stop.clone().cancelled_owned()));
+        let db = PgPool::connect(db_url).await.unwrap();
+        Self { addr, db_url: db_url.to_owned(), db, state, client: reqwest::Client::new(), stop }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn seed(&self, offers: u32, users: u32, reviews: u64) {
+        self.state.store.seed(SeedPlan { offers, users, reviews, seed: 7 }).await.unwrap();
+    }
+
+    /// POSTs a GraphQL request; returns the JSON body (any status).
+    pub async fn gql(&self, query: &str, variables: Value) -> Value {
+        self.gql_as(None, query, variables).await
+    }
+
+    pub async fn gql_as(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut req = self.client.post(self.url("/graphql")).json(&json!({ "query": query, "variables": variables }));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap().json().await.unwrap()
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Total SQL statements executed, read from `/metrics` as an operator would.
+    pub async fn sql_statements(&self) -> u64 {
+        let text = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("ugc_sql_statements_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A signed token for `sub`, valid for an hour.
+pub fn token(sub: &str, roles: &[&str]) -> String {
+    token_with(sub, roles, 3600, SECRET)
+}
+
+pub fn token_with(sub: &str, roles: &[&str], ttl_secs: i64, secret: &str) -> String {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64 + ttl_secs;
+    encode(
+        &Header::default(),
+        &json!({ "sub": sub, "exp": exp, "roles": roles }),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The `extensions.code` of the first error, if any.
+pub fn error_code(body: &Value) -> Option<&str> {
+    body["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// Polls `probe` until it returns true or `within` passes.
+pub async fn eventually(within: Duration, mut probe: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if probe().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
