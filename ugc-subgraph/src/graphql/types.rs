@@ -210,7 +210,8 @@ impl ReviewConnection {
         let loaders = ctx.data_unchecked::<Loaders>();
         let (page, total) = if ctx.look_ahead().field("totalCount").exists() {
             let (page, total) =
-                futures::future::try_join(loaders.load_one(key), total_count(loaders, &scope)).await?;
+                futures::future::try_join(loaders.load_one(key), total_count(loaders, &scope))
+                    .await?;
             (page, Some(total))
         } else {
             (loaders.load_one(key).await?, None)
@@ -255,23 +256,28 @@ impl ReviewConnection {
 
     /// All published reviews of the list, not just this page.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<i32, ApiError> {
-        let loaders = ctx.data_unchecked::<Loaders>();
-        let n = match &*self.scope {
-            ListScope::Offer(id) => loaders
-                .load_one(RatingKey(id.clone()))
-                .await?
-                .map(|s| s.count),
-            ListScope::Author(id) => loaders.load_one(AuthorCountKey(id.clone())).await?,
+        let n = match self.total {
+            Some(n) => n,
+            None => total_count(ctx.data_unchecked::<Loaders>(), &self.scope).await?,
         };
-        Ok(clamp_count(n.unwrap_or(0)))
+        Ok(clamp_count(n))
     }
 }
 
 /// Published reviews in a list: the offer's rating count or the author's count.
-async fn total_count(loaders: &Loaders, scope: &ListScope) -> Result<i64, crate::loaders::LoadError> {
+async fn total_count(
+    loaders: &Loaders,
+    scope: &ListScope,
+) -> Result<i64, crate::loaders::LoadError> {
     Ok(match scope {
-        ListScope::Offer(id) => loaders.load_one(RatingKey(id.clone())).await?.map_or(0, |s| s.count),
-        ListScope::Author(id) => loaders.load_one(AuthorCountKey(id.clone())).await?.unwrap_or(0),
+        ListScope::Offer(id) => loaders
+            .load_one(RatingKey(id.clone()))
+            .await?
+            .map_or(0, |s| s.count),
+        ListScope::Author(id) => loaders
+            .load_one(AuthorCountKey(id.clone()))
+            .await?
+            .unwrap_or(0),
     })
 }
 

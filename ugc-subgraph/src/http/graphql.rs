@@ -80,7 +80,12 @@ pub async fn execute(
         }
     };
     if requests(&batch).any(|r| r.query.trim().is_empty()) {
-        return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", "the request has no `query`");
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "the request has no `query`",
+        );
     }
     let operation = operation_kind(&batch);
     let batch = batch.data(RequestAuth(state.auth.viewer(&headers)));
@@ -157,7 +162,10 @@ fn add_default_codes(response: &mut BatchResponse) -> bool {
         let no_data = matches!(r.data, Value::Null);
         request_error |= no_data && !r.errors.is_empty();
         for error in &mut r.errors {
-            let has_code = error.extensions.as_ref().is_some_and(|e| e.get("code").is_some());
+            let has_code = error
+                .extensions
+                .as_ref()
+                .is_some_and(|e| e.get("code").is_some());
             let wrong_value = error.message.starts_with("Invalid value for argument");
             let code = match (wrong_value, has_code) {
                 (true, _) => "BAD_USER_INPUT",
@@ -165,7 +173,10 @@ fn add_default_codes(response: &mut BatchResponse) -> bool {
                 (false, false) if no_data => "GRAPHQL_VALIDATION_FAILED",
                 (false, false) => "BAD_USER_INPUT",
             };
-            error.extensions.get_or_insert_with(ErrorExtensionValues::default).set("code", code);
+            error
+                .extensions
+                .get_or_insert_with(ErrorExtensionValues::default)
+                .set("code", code);
         }
     }
     request_error

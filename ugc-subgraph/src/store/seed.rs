@@ -139,7 +139,10 @@ impl Store {
 
         let mut tx = self.primary.begin().await.map_err(q)?;
         // Bulk work: the per-statement timeout that protects the API does not apply.
-        sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(q)?;
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(q)?;
         sqlx::query(
             "TRUNCATE reviews, offer_ratings, author_review_counts, outbox RESTART IDENTITY",
         )
