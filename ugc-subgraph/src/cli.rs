@@ -13,11 +13,7 @@ use crate::store::seed::SeedPlan;
 use crate::{graphql, server, shutdown, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "ugc-subgraph",
-    version,
-    about = "Apollo Federation 2 subgraph for reviews and ratings of offers"
-)]
+#[command(name = "ugc-subgraph", version, about = "Apollo Federation 2 subgraph for reviews and ratings of offers")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -58,28 +54,15 @@ pub async fn run() -> anyhow::Result<()> {
     }
     let config = Config::from_env().context("invalid configuration")?;
     telemetry::init(config.log_format);
-    let state = AppState::build(config).context("cannot set up the database pools")?;
+    let state = AppState::build(config).context("cannot set up the database and cache clients")?;
     match command {
         Command::Migrate => {
             state.store.migrate().await.context("migration failed")?;
             tracing::info!("migrations applied");
         }
-        Command::Seed {
-            offers,
-            users,
-            reviews,
-            seed,
-        } => {
+        Command::Seed { offers, users, reviews, seed } => {
             state.store.migrate().await.context("migration failed")?;
-            let report = state
-                .store
-                .seed(SeedPlan {
-                    offers,
-                    users,
-                    reviews,
-                    seed,
-                })
-                .await?;
+            let report = state.store.seed(SeedPlan { offers, users, reviews, seed }).await?;
             println!(
                 "seeded {} reviews over {offers} offers and {users} users (seed {seed}) in {:.2} s",
                 report.reviews,
@@ -92,35 +75,38 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many of the hottest recorded keys a starting instance preloads.
+const WARM_UP_KEYS: usize = 2_000;
+
 async fn serve(state: AppState) -> anyhow::Result<()> {
-    state
-        .store
-        .migrate()
-        .await
-        .context("migration failed (is Postgres up? see DATABASE_URL)")?;
+    state.store.migrate().await.context("migration failed (is Postgres up? see DATABASE_URL)")?;
     let addr = state.config.http.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (UGC_LISTEN)"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (UGC_LISTEN)"))?;
     tracing::info!(config = ?state.config, "configuration");
     tracing::info!("serving GraphQL on http://{addr}/graphql (GraphiQL: open it in a browser)");
     let grace: Duration = state.config.http.shutdown_timeout;
     let stop = CancellationToken::new();
-    let server = tokio::spawn(server::serve(
-        listener,
-        state,
-        stop.clone().cancelled_owned(),
-    ));
+    let background = state.spawn_background(&stop);
+    let cache = state.cache.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let warmed = cache.warm_up(WARM_UP_KEYS).await;
+        if warmed > 0 {
+            tracing::info!(keys = warmed, ms = started.elapsed().as_millis() as u64, "L1 warmed with the hottest keys");
+        }
+    });
+    let server = tokio::spawn(server::serve(listener, state, stop.clone().cancelled_owned()));
     shutdown::signal().await;
     stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
     match tokio::time::timeout(grace, server).await {
         Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished; bye"),
         Ok(Ok(Err(e))) => return Err(e).context("server failed"),
         Ok(Err(e)) => return Err(e).context("server task failed"),
-        Err(_) => tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "shutdown timed out; exiting with requests in flight"
-        ),
+        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "shutdown timed out; exiting with requests in flight"),
     }
     Ok(())
 }

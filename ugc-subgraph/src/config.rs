@@ -21,6 +21,14 @@ pub const DEFAULT_MAX_DEPTH: usize = 15;
 pub const DEFAULT_MAX_COMPLEXITY: usize = 50_000;
 pub const DEFAULT_LOADER_DELAY_US: u64 = 1_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_L1_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_CACHE_TTL_SECS: u64 = 60;
+pub const DEFAULT_CACHE_NEGATIVE_TTL_SECS: u64 = 10;
+pub const DEFAULT_CACHE_MAX_STALE_SECS: u64 = 300;
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 50;
+pub const DEFAULT_LEASE_MS: u64 = 2_000;
+pub const DEFAULT_LEASE_WAIT_MS: u64 = 150;
+pub const DEFAULT_HOT_KEY_PER_SEC: u64 = 20;
 
 /// The variables this service reads; any other `UGC_*` variable is a typo
 /// and refused.
@@ -43,6 +51,17 @@ const KNOWN: &[&str] = &[
     "UGC_LOADER_DELAY_US",
     "UGC_LOG_FORMAT",
     "UGC_SHUTDOWN_TIMEOUT_SECS",
+    "UGC_CACHE",
+    "UGC_CACHE_PREFIX",
+    "UGC_L1_MAX_BYTES",
+    "UGC_CACHE_TTL_SECS",
+    "UGC_CACHE_NEGATIVE_TTL_SECS",
+    "UGC_CACHE_MAX_STALE_SECS",
+    "UGC_REDIS_TIMEOUT_MS",
+    "UGC_LEASE_MS",
+    "UGC_LEASE_WAIT_MS",
+    "UGC_HOT_KEY_PER_SEC",
+    "UGC_EVENTS_TOKEN",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,11 +69,7 @@ pub enum ConfigError {
     #[error("{0} is required but not set")]
     Missing(&'static str),
     #[error("{name}={value:?} is invalid: {reason}")]
-    Invalid {
-        name: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { name: String, value: String, reason: String },
     #[error("{0} is not a setting of this service (known: {known})", known = KNOWN.join(", "))]
     Unknown(String),
 }
@@ -109,6 +124,31 @@ pub struct DomainConfig {
     pub moderate_on_create: bool,
 }
 
+/// The read-path cache (L1 moka, L2 Redis).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// `UGC_CACHE=off` sends every read to Postgres (benchmarks, debugging).
+    pub enabled: bool,
+    /// Namespace of every Redis key (several deployments or tests can share one Redis).
+    pub prefix: String,
+    /// L1 budget in bytes (weighed per entry).
+    pub l1_max_bytes: u64,
+    /// Freshness of pages and aggregates; reviews by id live 5× longer.
+    pub ttl: Duration,
+    /// Freshness of negative results (unknown ids, empty pages).
+    pub negative_ttl: Duration,
+    /// How long past freshness an entry may still be served while it is
+    /// refreshed, or while Postgres fails.
+    pub max_stale: Duration,
+    /// Timeout of every Redis call.
+    pub redis_timeout: Duration,
+    /// Cross-instance load lease, and how long others wait for its fill.
+    pub lease: Duration,
+    pub lease_wait: Duration,
+    /// Requests per second above which a key is hot.
+    pub hot_key_per_sec: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -123,6 +163,10 @@ pub struct Config {
     pub graphql: GraphqlConfig,
     pub auth: AuthConfig,
     pub domain: DomainConfig,
+    pub cache: CacheConfig,
+    /// Bearer token other subgraphs present on `POST /events`; the endpoint
+    /// is disabled without it.
+    pub events_token: Option<String>,
     pub log_format: LogFormat,
 }
 
@@ -139,29 +183,17 @@ impl Config {
     ///
     /// # Errors
     /// The first missing, malformed or unknown variable.
-    pub fn from_vars(
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let env = Env(vars.into_iter().collect());
-        if let Some(unknown) = env
-            .0
-            .keys()
-            .find(|k| k.starts_with("UGC_") && !KNOWN.contains(&k.as_str()))
-        {
+        if let Some(unknown) = env.0.keys().find(|k| k.starts_with("UGC_") && !KNOWN.contains(&k.as_str())) {
             return Err(ConfigError::Unknown(unknown.clone()));
         }
         let database = DatabaseConfig {
-            url: env
-                .postgres_url("DATABASE_URL")?
-                .ok_or(ConfigError::Missing("DATABASE_URL"))?,
+            url: env.postgres_url("DATABASE_URL")?.ok_or(ConfigError::Missing("DATABASE_URL"))?,
             read_url: env.postgres_url("DATABASE_READ_URL")?,
             pool_size: env.parse_in("UGC_DB_POOL_SIZE", DEFAULT_DB_POOL_SIZE, 1..=1000)?,
-            acquire_timeout: env
-                .millis("UGC_DB_ACQUIRE_TIMEOUT_MS", DEFAULT_DB_ACQUIRE_TIMEOUT_MS)?,
-            statement_timeout: env.millis(
-                "UGC_DB_STATEMENT_TIMEOUT_MS",
-                DEFAULT_DB_STATEMENT_TIMEOUT_MS,
-            )?,
+            acquire_timeout: env.millis("UGC_DB_ACQUIRE_TIMEOUT_MS", DEFAULT_DB_ACQUIRE_TIMEOUT_MS)?,
+            statement_timeout: env.millis("UGC_DB_STATEMENT_TIMEOUT_MS", DEFAULT_DB_STATEMENT_TIMEOUT_MS)?,
         };
         let redis_url = match env.get("REDIS_URL") {
             Some(url) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => {
@@ -172,11 +204,7 @@ impl Config {
         let http = HttpConfig {
             listen: env.parse("UGC_LISTEN", DEFAULT_LISTEN.parse().expect("valid default"))?,
             request_timeout: env.millis("UGC_REQUEST_TIMEOUT_MS", DEFAULT_REQUEST_TIMEOUT_MS)?,
-            max_body_bytes: env.parse_in(
-                "UGC_MAX_BODY_BYTES",
-                DEFAULT_MAX_BODY_BYTES,
-                1024..=64 * 1024 * 1024,
-            )?,
+            max_body_bytes: env.parse_in("UGC_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 1024..=64 * 1024 * 1024)?,
             shutdown_timeout: Duration::from_secs(env.parse_in(
                 "UGC_SHUTDOWN_TIMEOUT_SECS",
                 DEFAULT_SHUTDOWN_TIMEOUT_SECS,
@@ -185,11 +213,7 @@ impl Config {
         };
         let graphql = GraphqlConfig {
             max_depth: env.parse_in("UGC_MAX_DEPTH", DEFAULT_MAX_DEPTH, 1..=1000)?,
-            max_complexity: env.parse_in(
-                "UGC_MAX_COMPLEXITY",
-                DEFAULT_MAX_COMPLEXITY,
-                1..=10_000_000,
-            )?,
+            max_complexity: env.parse_in("UGC_MAX_COMPLEXITY", DEFAULT_MAX_COMPLEXITY, 1..=10_000_000)?,
             introspection: env.bool("UGC_INTROSPECTION", true)?,
             loader_delay: Duration::from_micros(env.parse_in(
                 "UGC_LOADER_DELAY_US",
@@ -203,31 +227,45 @@ impl Config {
         }
         let trusted_proxies = env
             .get("UGC_TRUSTED_PROXIES")
-            .map(|raw| {
-                raw.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
+            .map(|raw| raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
             .unwrap_or_default();
         let log_format = match env.get("UGC_LOG_FORMAT") {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(_) => return Err(env.invalid("UGC_LOG_FORMAT", "expected text or json")),
         };
+        let secs = |name: &str, default: u64| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_secs(env.parse_in(name, default, 1..=86_400)?))
+        };
+        let prefix = env.get("UGC_CACHE_PREFIX").unwrap_or("ugc").to_owned();
+        if prefix.len() > 64 || prefix.contains(char::is_whitespace) {
+            return Err(env.invalid("UGC_CACHE_PREFIX", "at most 64 characters, no spaces"));
+        }
+        let cache = CacheConfig {
+            enabled: env.bool("UGC_CACHE", true)?,
+            prefix,
+            l1_max_bytes: env.parse_in("UGC_L1_MAX_BYTES", DEFAULT_L1_MAX_BYTES, 1024 * 1024..=1 << 40)?,
+            ttl: secs("UGC_CACHE_TTL_SECS", DEFAULT_CACHE_TTL_SECS)?,
+            negative_ttl: secs("UGC_CACHE_NEGATIVE_TTL_SECS", DEFAULT_CACHE_NEGATIVE_TTL_SECS)?,
+            max_stale: secs("UGC_CACHE_MAX_STALE_SECS", DEFAULT_CACHE_MAX_STALE_SECS)?,
+            redis_timeout: env.millis("UGC_REDIS_TIMEOUT_MS", DEFAULT_REDIS_TIMEOUT_MS)?,
+            lease: env.millis("UGC_LEASE_MS", DEFAULT_LEASE_MS)?,
+            lease_wait: env.millis("UGC_LEASE_WAIT_MS", DEFAULT_LEASE_WAIT_MS)?,
+            hot_key_per_sec: env.parse_in("UGC_HOT_KEY_PER_SEC", DEFAULT_HOT_KEY_PER_SEC, 1..=1_000_000)?,
+        };
+        let events_token = env.get("UGC_EVENTS_TOKEN").map(str::to_owned);
+        if events_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(env.invalid("UGC_EVENTS_TOKEN", "must be at least 16 bytes"));
+        }
         Ok(Self {
+            cache,
+            events_token,
             database,
             redis_url,
             http,
             graphql,
-            auth: AuthConfig {
-                jwt_secret,
-                trusted_proxies,
-            },
-            domain: DomainConfig {
-                moderate_on_create: env.bool("UGC_MODERATE_ON_CREATE", false)?,
-            },
+            auth: AuthConfig { jwt_secret, trusted_proxies },
+            domain: DomainConfig { moderate_on_create: env.bool("UGC_MODERATE_ON_CREATE", false)? },
             log_format,
         })
     }
@@ -237,20 +275,16 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database.url))
-            .field(
-                "database_read_url",
-                &self.database.read_url.as_deref().map(redact_url),
-            )
+            .field("database_read_url", &self.database.read_url.as_deref().map(redact_url))
             .field("db_pool_size", &self.database.pool_size)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("http", &self.http)
             .field("graphql", &self.graphql)
-            .field(
-                "jwt_secret",
-                &self.auth.jwt_secret.as_ref().map(|_| "<redacted>"),
-            )
+            .field("jwt_secret", &self.auth.jwt_secret.as_ref().map(|_| "<redacted>"))
             .field("trusted_proxies", &self.auth.trusted_proxies)
             .field("domain", &self.domain)
+            .field("cache", &self.cache)
+            .field("events_token", &self.events_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -273,24 +307,13 @@ struct Env(HashMap<String, String>);
 
 impl Env {
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
     }
 
     fn invalid(&self, name: &str, reason: impl fmt::Display) -> ConfigError {
         let value = self.0.get(name).cloned().unwrap_or_default();
-        let value = if name.contains("SECRET") {
-            "<redacted>".into()
-        } else {
-            value
-        };
-        ConfigError::Invalid {
-            name: name.to_owned(),
-            value,
-            reason: reason.to_string(),
-        }
+        let value = if name.contains("SECRET") || name.contains("TOKEN") { "<redacted>".into() } else { value };
+        ConfigError::Invalid { name: name.to_owned(), value, reason: reason.to_string() }
     }
 
     fn parse<T: FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError>
@@ -303,12 +326,7 @@ impl Env {
         }
     }
 
-    fn parse_in<T>(
-        &self,
-        name: &str,
-        default: T,
-        range: std::ops::RangeInclusive<T>,
-    ) -> Result<T, ConfigError>
+    fn parse_in<T>(&self, name: &str, default: T, range: std::ops::RangeInclusive<T>) -> Result<T, ConfigError>
     where
         T: FromStr + PartialOrd + fmt::Display,
         T::Err: fmt::Display,
@@ -317,19 +335,12 @@ impl Env {
         if range.contains(&value) {
             Ok(value)
         } else {
-            Err(self.invalid(
-                name,
-                format!("must be between {} and {}", range.start(), range.end()),
-            ))
+            Err(self.invalid(name, format!("must be between {} and {}", range.start(), range.end())))
         }
     }
 
     fn millis(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(self.parse_in(
-            name,
-            default,
-            1..=3_600_000,
-        )?))
+        Ok(Duration::from_millis(self.parse_in(name, default, 1..=3_600_000)?))
     }
 
     fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
@@ -344,9 +355,7 @@ impl Env {
     fn postgres_url(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
         match self.get(name) {
             None => Ok(None),
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                Ok(Some(url.to_owned()))
-            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(Some(url.to_owned())),
             Some(_) => Err(self.invalid(name, "expected postgres://user@host:port/database")),
         }
     }
@@ -357,19 +366,12 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn defaults_apply_with_only_the_database() {
-        let c = Config::from_vars(vars(&[(
-            "DATABASE_URL",
-            "postgres://postgres@127.0.0.1/ugc",
-        )]))
-        .unwrap();
+        let c = Config::from_vars(vars(&[("DATABASE_URL", "postgres://postgres@127.0.0.1/ugc")])).unwrap();
         assert_eq!(c.http.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.database.pool_size, DEFAULT_DB_POOL_SIZE);
         assert!(c.redis_url.is_none() && c.auth.jwt_secret.is_none());
@@ -377,10 +379,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        assert_eq!(
-            Config::from_vars(vars(&[])).unwrap_err(),
-            ConfigError::Missing("DATABASE_URL")
-        );
+        assert_eq!(Config::from_vars(vars(&[])).unwrap_err(), ConfigError::Missing("DATABASE_URL"));
         let db = ("DATABASE_URL", "postgres://x@h/d");
         for (bad, name) in [
             (("UGC_LISTEN", "nowhere"), "UGC_LISTEN"),
@@ -404,10 +403,7 @@ mod tests {
         ]))
         .unwrap();
         let shown = format!("{c:?}");
-        assert!(
-            !shown.contains("hunter2") && !shown.contains("very-secret"),
-            "{shown}"
-        );
+        assert!(!shown.contains("hunter2") && !shown.contains("very-secret"), "{shown}");
         assert!(shown.contains("app:***@db/ugc"));
     }
 }

@@ -77,9 +77,7 @@ impl ReviewStatus {
 
 /// Sort order of an offer's review list. Ties always fall back to newest
 /// first, so every order is a total order over (key, created_at, id).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, async_graphql::Enum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, async_graphql::Enum)]
 pub enum ReviewOrder {
     #[default]
     Newest,
@@ -97,7 +95,9 @@ pub struct Review {
     pub rating: i16,
     pub text: String,
     pub status: ReviewStatus,
+    #[serde(with = "chrono::serde::ts_microseconds")]
     pub created_at: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_microseconds")]
     pub updated_at: DateTime<Utc>,
     /// Incremented by every change of the row.
     pub version: i64,
@@ -145,13 +145,7 @@ impl Viewer {
     }
 
     pub fn is_moderator(&self) -> bool {
-        matches!(
-            self,
-            Self::User {
-                moderator: true,
-                ..
-            }
-        )
+        matches!(self, Self::User { moderator: true, .. })
     }
 
     /// Published reviews are public; others only to their author and to
@@ -233,7 +227,7 @@ impl EntityId {
 }
 
 /// How many items a page holds, 0 to 100.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PageSize(u8);
 
 impl PageSize {
@@ -275,14 +269,8 @@ mod tests {
         assert_eq!(ReviewText::new("  \n "), Err(InvalidInput::EmptyText));
         assert_eq!(ReviewText::new(" ok ").unwrap().as_str(), "ok");
         let max = "é".repeat(MAX_TEXT_CHARS);
-        assert!(
-            ReviewText::new(&max).is_ok(),
-            "5000 two-byte chars are 5000 characters"
-        );
-        assert_eq!(
-            ReviewText::new(&format!("{max}x")),
-            Err(InvalidInput::TextTooLong(5001))
-        );
+        assert!(ReviewText::new(&max).is_ok(), "5000 two-byte chars are 5000 characters");
+        assert_eq!(ReviewText::new(&format!("{max}x")), Err(InvalidInput::TextTooLong(5001)));
         assert_eq!(ReviewText::new("a\0b"), Err(InvalidInput::NulInText));
     }
 
@@ -310,36 +298,20 @@ mod tests {
             updated_at: Utc::now(),
             version: 1,
         };
-        let alice = Viewer::User {
-            id: "alice".into(),
-            moderator: false,
-        };
-        let bob = Viewer::User {
-            id: "bob".into(),
-            moderator: false,
-        };
-        let moderator = Viewer::User {
-            id: "mod".into(),
-            moderator: true,
-        };
+        let alice = Viewer::User { id: "alice".into(), moderator: false };
+        let bob = Viewer::User { id: "bob".into(), moderator: false };
+        let moderator = Viewer::User { id: "mod".into(), moderator: true };
         assert!(alice.can_see(&review) && moderator.can_see(&review));
         assert!(!bob.can_see(&review) && !Viewer::Anonymous.can_see(&review));
         assert!(!bob.can_edit(&review));
-        let published = Review {
-            status: ReviewStatus::Published,
-            ..review
-        };
+        let published = Review { status: ReviewStatus::Published, ..review };
         assert!(Viewer::Anonymous.can_see(&published));
     }
 
     #[test]
     fn average_is_none_without_reviews() {
         assert_eq!(RatingSummary::default().average(), None);
-        let s = RatingSummary {
-            count: 2,
-            sum: 9,
-            distribution: [0, 0, 0, 1, 1],
-        };
+        let s = RatingSummary { count: 2, sum: 9, distribution: [0, 0, 0, 1, 1] };
         assert_eq!(s.average(), Some(4.5));
     }
 }

@@ -123,9 +123,7 @@ impl From<WriteError> for ApiError {
         match e {
             WriteError::Invalid(e) => e.into(),
             WriteError::NotFound => Self::NotFound("review not found".into()),
-            WriteError::Forbidden => {
-                Self::Forbidden("only the author or a moderator may change this review".into())
-            }
+            WriteError::Forbidden => Self::Forbidden("only the author or a moderator may change this review".into()),
             WriteError::Conflict => Self::Conflict("you have already reviewed this offer".into()),
             WriteError::Store(e) => e.into(),
         }
@@ -142,22 +140,13 @@ mod tests {
         let gql: async_graphql::Error = err.into();
         assert_eq!(gql.message, "internal error");
         let ext = format!("{:?}", gql.extensions);
-        assert!(
-            ext.contains("INTERNAL_SERVER_ERROR") && !ext.contains("secret_col"),
-            "{ext}"
-        );
+        assert!(ext.contains("INTERNAL_SERVER_ERROR") && !ext.contains("secret_col"), "{ext}");
     }
 
     #[test]
     fn rate_limits_say_when_to_retry() {
-        let gql: async_graphql::Error = ApiError::RateLimited {
-            retry_after_secs: 3,
-        }
-        .into();
+        let gql: async_graphql::Error = ApiError::RateLimited { retry_after_secs: 3 }.into();
         let ext = format!("{:?}", gql.extensions);
-        assert!(
-            ext.contains("RATE_LIMITED") && ext.contains("retryAfter"),
-            "{ext}"
-        );
+        assert!(ext.contains("RATE_LIMITED") && ext.contains("retryAfter"), "{ext}");
     }
 }

@@ -15,6 +15,7 @@ use async_graphql::{EmptySubscription, MergedObject, SDLExportOptions, Schema, S
 use crate::config::{DomainConfig, GraphqlConfig};
 use crate::domain::Viewer;
 use crate::error::ApiError;
+use crate::events::Events;
 use crate::http::auth::AuthError;
 use crate::loaders::Loaders;
 use crate::store::Store;
@@ -56,6 +57,7 @@ pub fn schema_builder() -> SchemaBuilder<Query, Mutation, EmptySubscription> {
 pub fn build(
     store: Store,
     loaders: Loaders,
+    events: Events,
     domain: DomainConfig,
     config: &GraphqlConfig,
 ) -> UgcSchema {
@@ -66,6 +68,7 @@ pub fn build(
         .limit_directives(50)
         .data(store)
         .data(loaders)
+        .data(events)
         .data(domain);
     if !config.introspection {
         builder = builder.disable_introspection();

@@ -7,8 +7,10 @@
 //! | `GET /health/live` | the process answers |
 //! | `GET /health/ready` | Postgres reachable and migrated |
 //! | `GET /metrics` | Prometheus text exposition |
+//! | `POST /events` | entity-change events from other subgraphs (bearer token) |
 
 pub mod auth;
+mod events;
 mod graphql;
 mod health;
 
@@ -27,6 +29,7 @@ pub fn build_router(state: AppState) -> Router {
     let max_body = state.config.http.max_body_bytes;
     Router::new()
         .route("/graphql", get(graphql::graphiql).post(graphql::execute))
+        .route("/events", axum::routing::post(events::receive))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics))
@@ -37,12 +40,10 @@ pub fn build_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.cache.export_gauges();
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.render(),
     )
         .into_response()

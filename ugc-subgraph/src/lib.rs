@@ -19,6 +19,7 @@
 //! - [`error`]: the error catalogue, mapped once to GraphQL codes and HTTP statuses.
 //! - [`telemetry`]: logging set-up and the metrics registry.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -1,13 +1,16 @@
-//! DataLoaders: the only way resolvers read data.
+//! DataLoaders: the only way resolvers read data, and the place where the
+//! cache and the store meet.
 //!
-//! One long-lived [`DataLoader`] is shared by all requests, so keys are
-//! batched within a request *and* across concurrent requests: every batch of
-//! one key type becomes one store call (one SQL statement per batch, one per
-//! page shape for pages). Each key type is a newtype so that batches of
-//! different kinds never mix.
+//! A lookup first tries L1 directly ([`Cache::get`]): a hit costs no
+//! batching delay. Misses go to one long-lived [`DataLoader`] shared by all
+//! requests, so keys are batched within a request *and* across concurrent
+//! requests; each batch goes through [`Cache::load`] (L2, then one store
+//! call per kind for what is still missing).
 //!
-//! Loaders never decide visibility: they return what is stored (reviews in
-//! any status); resolvers apply [`crate::domain::Viewer`] rules.
+//! Loaders never decide visibility. The cached review lookup returns only
+//! published reviews (what anyone may see); [`Loaders::review_any_status`]
+//! bypasses the cache and is used only for signed-in viewers, whose private
+//! view must never enter a shared entry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,108 +18,189 @@ use std::time::Duration;
 
 use async_graphql::dataloader::{DataLoader, Loader};
 
-use crate::domain::{Page, RatingSummary, Review};
+use crate::cache::{BoxFuture, Cache, CacheKey, CachedValue, Source};
+use crate::config::Config;
+use crate::domain::{Page, RatingSummary, Review, ReviewStatus};
 use crate::store::{PageKey, Store, StoreError};
 use crate::telemetry::metrics::{Metrics, LOADER};
-
-/// A review by id (live, any status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ReviewKey(pub i64);
-/// The rating aggregate of an offer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RatingKey(pub String);
-/// The published review count of an author.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AuthorCountKey(pub String);
 
 /// Errors are shared by every request waiting on a batch.
 pub type LoadError = Arc<StoreError>;
 
-/// The batch functions behind the loader.
-pub struct Reads {
+/// The read cache over the store.
+pub type ReadCache = Cache<StoreSource>;
+
+/// Loads cache keys from Postgres: one statement per kind in the batch, run
+/// concurrently.
+pub struct StoreSource {
     store: Store,
     metrics: Arc<Metrics>,
 }
 
-pub type Loaders = DataLoader<Reads>;
-
-/// Builds the process-wide loader.
-pub fn build(store: Store, metrics: Arc<Metrics>, delay: Duration) -> Loaders {
-    DataLoader::new(Reads { store, metrics }, tokio::spawn)
-        .delay(delay)
-        .max_batch_size(500)
-}
-
-impl Reads {
+impl StoreSource {
     fn observe(&self, loader: &'static str, keys: usize) {
-        self.metrics
-            .loader_batch_size
-            .get_or_create(&[(LOADER, loader)])
-            .observe(keys as f64);
+        self.metrics.loader_batch_size.get_or_create(&[(LOADER, loader)]).observe(keys as f64);
+    }
+
+    async fn load_all(&self, keys: Vec<CacheKey>) -> Result<HashMap<CacheKey, CachedValue>, LoadError> {
+        let (mut reviews, mut ratings, mut counts, mut pages) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for key in keys {
+            match key {
+                CacheKey::Review(id) => reviews.push(id),
+                CacheKey::Rating(offer) => ratings.push(offer),
+                CacheKey::AuthorCount(author) => counts.push(author),
+                CacheKey::Page(page) => pages.push(page),
+            }
+        }
+        let reviews_fut = async {
+            if reviews.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.observe("review", reviews.len());
+            let found: HashMap<i64, Review> =
+                self.store.reviews_by_ids(&reviews).await?.into_iter().map(|r| (r.id, r)).collect();
+            // Public view: anything not published is cached as absent.
+            Ok::<_, StoreError>(
+                reviews
+                    .iter()
+                    .map(|id| {
+                        let public = found.get(id).filter(|r| r.status == ReviewStatus::Published).cloned();
+                        (CacheKey::Review(*id), CachedValue::Review(public.map(Arc::new)))
+                    })
+                    .collect(),
+            )
+        };
+        let ratings_fut = async {
+            if ratings.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.observe("offer_rating", ratings.len());
+            let found = self.store.offer_ratings(&ratings).await?;
+            Ok(found.into_iter().map(|(id, s)| (CacheKey::Rating(id), CachedValue::Rating(s))).collect())
+        };
+        let counts_fut = async {
+            if counts.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.observe("author_review_count", counts.len());
+            let found = self.store.author_review_counts(&counts).await?;
+            Ok(found.into_iter().map(|(id, n)| (CacheKey::AuthorCount(id), CachedValue::Count(n))).collect())
+        };
+        let pages_fut = async {
+            if pages.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.observe("review_page", pages.len());
+            let found = self.store.pages(&pages).await?;
+            Ok(found.into_iter().map(|(k, p)| (CacheKey::Page(k), CachedValue::Page(Arc::new(p)))).collect())
+        };
+        let (a, b, c, d) = futures::future::try_join4(reviews_fut, ratings_fut, counts_fut, pages_fut).await?;
+        Ok(a.into_iter().chain(b).chain(c).chain(d).collect())
     }
 }
 
-impl Loader<ReviewKey> for Reads {
+impl Source for StoreSource {
+    type Error = LoadError;
+
+    fn load(&self, keys: Vec<CacheKey>) -> BoxFuture<'_, Result<HashMap<CacheKey, CachedValue>, LoadError>> {
+        Box::pin(self.load_all(keys))
+    }
+}
+
+/// The DataLoader's batch function: cache (L2 + single-flight) → store.
+pub struct Batches {
+    cache: ReadCache,
+}
+
+impl Loader<CacheKey> for Batches {
+    type Value = CachedValue;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[CacheKey]) -> Result<HashMap<CacheKey, CachedValue>, LoadError> {
+        self.cache.load(keys).await
+    }
+}
+
+/// A review by id in any status, straight from the store (never cached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PrivateReviewKey(pub i64);
+
+pub struct PrivateReviews {
+    store: Store,
+}
+
+impl Loader<PrivateReviewKey> for PrivateReviews {
     type Value = Arc<Review>;
     type Error = LoadError;
 
-    async fn load(
-        &self,
-        keys: &[ReviewKey],
-    ) -> Result<HashMap<ReviewKey, Self::Value>, Self::Error> {
-        self.observe("review", keys.len());
+    async fn load(&self, keys: &[PrivateReviewKey]) -> Result<HashMap<PrivateReviewKey, Arc<Review>>, LoadError> {
         let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
-        let reviews = self.store.reviews_by_ids(&ids).await?;
-        Ok(reviews
-            .into_iter()
-            .map(|r| (ReviewKey(r.id), Arc::new(r)))
-            .collect())
+        let found = self.store.reviews_by_ids(&ids).await?;
+        Ok(found.into_iter().map(|r| (PrivateReviewKey(r.id), Arc::new(r))).collect())
     }
 }
 
-impl Loader<RatingKey> for Reads {
-    type Value = RatingSummary;
-    type Error = LoadError;
-
-    async fn load(
-        &self,
-        keys: &[RatingKey],
-    ) -> Result<HashMap<RatingKey, Self::Value>, Self::Error> {
-        self.observe("offer_rating", keys.len());
-        let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
-        let found = self.store.offer_ratings(&ids).await?;
-        Ok(found
-            .into_iter()
-            .map(|(id, s)| (RatingKey(id), s))
-            .collect())
-    }
+/// What resolvers hold: typed lookups over the cache and the loaders.
+pub struct Loaders {
+    pub cache: ReadCache,
+    batches: DataLoader<Batches>,
+    private: DataLoader<PrivateReviews>,
 }
 
-impl Loader<AuthorCountKey> for Reads {
-    type Value = i64;
-    type Error = LoadError;
-
-    async fn load(
-        &self,
-        keys: &[AuthorCountKey],
-    ) -> Result<HashMap<AuthorCountKey, Self::Value>, Self::Error> {
-        self.observe("author_review_count", keys.len());
-        let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
-        let found = self.store.author_review_counts(&ids).await?;
-        Ok(found
-            .into_iter()
-            .map(|(id, n)| (AuthorCountKey(id), n))
-            .collect())
+impl Loaders {
+    /// Builds the process-wide loaders and their cache.
+    ///
+    /// # Errors
+    /// A Redis URL that cannot be used.
+    pub fn build(config: &Config, store: Store, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let source = StoreSource { store: store.clone(), metrics: Arc::clone(&metrics) };
+        let cache = Cache::new(config.cache.clone(), config.redis_url.as_deref(), source, metrics)?;
+        let delay: Duration = config.graphql.loader_delay;
+        Ok(Self {
+            batches: DataLoader::new(Batches { cache: cache.clone() }, tokio::spawn).delay(delay).max_batch_size(500),
+            private: DataLoader::new(PrivateReviews { store }, tokio::spawn).delay(delay),
+            cache,
+        })
     }
-}
 
-impl Loader<PageKey> for Reads {
-    type Value = Arc<Page>;
-    type Error = LoadError;
+    async fn get(&self, key: CacheKey) -> Result<Option<CachedValue>, LoadError> {
+        if let Some(value) = self.cache.get(&key).await {
+            return Ok(Some(value));
+        }
+        self.batches.load_one(key).await
+    }
 
-    async fn load(&self, keys: &[PageKey]) -> Result<HashMap<PageKey, Self::Value>, Self::Error> {
-        self.observe("review_page", keys.len());
-        let pages = self.store.pages(keys).await?;
-        Ok(pages.into_iter().map(|(k, p)| (k, Arc::new(p))).collect())
+    /// A published review (what anyone may see).
+    pub async fn public_review(&self, id: i64) -> Result<Option<Arc<Review>>, LoadError> {
+        Ok(match self.get(CacheKey::Review(id)).await? {
+            Some(CachedValue::Review(review)) => review,
+            _ => None,
+        })
+    }
+
+    /// A live review in any status: for signed-in viewers only, uncached.
+    pub async fn review_any_status(&self, id: i64) -> Result<Option<Arc<Review>>, LoadError> {
+        self.private.load_one(PrivateReviewKey(id)).await
+    }
+
+    pub async fn rating(&self, offer_id: &str) -> Result<RatingSummary, LoadError> {
+        Ok(match self.get(CacheKey::Rating(offer_id.to_owned())).await? {
+            Some(CachedValue::Rating(summary)) => summary,
+            _ => RatingSummary::default(),
+        })
+    }
+
+    pub async fn author_count(&self, author_id: &str) -> Result<i64, LoadError> {
+        Ok(match self.get(CacheKey::AuthorCount(author_id.to_owned())).await? {
+            Some(CachedValue::Count(n)) => n,
+            _ => 0,
+        })
+    }
+
+    pub async fn page(&self, key: PageKey) -> Result<Arc<Page>, LoadError> {
+        Ok(match self.get(CacheKey::Page(key)).await? {
+            Some(CachedValue::Page(page)) => page,
+            _ => Arc::default(),
+        })
     }
 }

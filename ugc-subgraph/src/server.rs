@@ -17,7 +17,5 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, build_router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, build_router(state)).with_graceful_shutdown(shutdown).await
 }

@@ -6,6 +6,8 @@
 //! and counted in [`Metrics`] under a fixed name, so the statement bound of the
 //! read path can be observed from `/metrics`.
 
+mod external;
+pub mod outbox;
 mod pages;
 mod reads;
 pub mod seed;
@@ -23,7 +25,7 @@ use crate::domain::{InvalidInput, Review, ReviewStatus};
 use crate::telemetry::metrics::Metrics;
 
 pub use pages::PageKey;
-pub use writes::{NewReview, ReviewPatch};
+pub use writes::{Committed, NewReview, ReviewPatch};
 
 /// Migrations embedded in the binary; applied by `serve` and `migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -80,9 +82,8 @@ impl Store {
         let pool = |url: &str| -> Result<PgPool, StoreError> {
             let options: PgConnectOptions = url.parse().map_err(StoreError::Unavailable)?;
             let timeout_ms = config.statement_timeout.as_millis().to_string();
-            let options = options
-                .application_name("ugc-subgraph")
-                .options([("statement_timeout", timeout_ms.as_str())]);
+            let options =
+                options.application_name("ugc-subgraph").options([("statement_timeout", timeout_ms.as_str())]);
             Ok(PgPoolOptions::new()
                 .max_connections(config.pool_size)
                 .min_connections(1)
@@ -94,11 +95,7 @@ impl Store {
             Some(url) => pool(url)?,
             None => primary.clone(),
         };
-        Ok(Self {
-            primary,
-            replica,
-            metrics,
-        })
+        Ok(Self { primary, replica, metrics })
     }
 
     /// Applies pending migrations.
@@ -138,17 +135,14 @@ impl Store {
     ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = query.await;
-        self.metrics
-            .sql(statement, started.elapsed(), result.is_ok());
+        self.metrics.sql(statement, started.elapsed(), result.is_ok());
         result.map_err(|e| classify(statement, e))
     }
 }
 
 fn classify(statement: &'static str, error: sqlx::Error) -> StoreError {
     match error {
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
-            StoreError::Unavailable(e)
-        }
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => StoreError::Unavailable(e),
         source => StoreError::Query { statement, source },
     }
 }
@@ -158,9 +152,7 @@ const REVIEW_COLUMNS: &str =
     "r.id, r.offer_id, r.author_id, r.rating, r.body, r.status, r.created_at, r.updated_at, r.version";
 
 fn review_from_row(row: &sqlx::postgres::PgRow) -> Result<Review, StoreError> {
-    let status: &str = row
-        .try_get("status")
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let status: &str = row.try_get("status").map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let get = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
     Ok(Review {
         id: row.try_get("id").map_err(get)?,
@@ -168,8 +160,7 @@ fn review_from_row(row: &sqlx::postgres::PgRow) -> Result<Review, StoreError> {
         author_id: row.try_get("author_id").map_err(get)?,
         rating: row.try_get("rating").map_err(get)?,
         text: row.try_get("body").map_err(get)?,
-        status: ReviewStatus::parse(status)
-            .ok_or_else(|| StoreError::Corrupt(format!("review status {status:?}")))?,
+        status: ReviewStatus::parse(status).ok_or_else(|| StoreError::Corrupt(format!("review status {status:?}")))?,
         created_at: row.try_get("created_at").map_err(get)?,
         updated_at: row.try_get("updated_at").map_err(get)?,
         version: row.try_get("version").map_err(get)?,

@@ -16,14 +16,14 @@ use super::{InvalidInput, Review, ReviewOrder};
 const VERSION: &str = "c1";
 
 /// Which list a cursor belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ListScope {
     Offer(String),
     Author(String),
 }
 
 /// The sort key of the last row of a page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub rating: i16,
     pub created_at_micros: i64,
@@ -32,11 +32,7 @@ pub struct Position {
 
 impl Position {
     pub fn of(review: &Review) -> Self {
-        Self {
-            rating: review.rating,
-            created_at_micros: review.created_at.timestamp_micros(),
-            id: review.id,
-        }
+        Self { rating: review.rating, created_at_micros: review.created_at.timestamp_micros(), id: review.id }
     }
 
     pub fn created_at(&self) -> DateTime<Utc> {
@@ -66,19 +62,12 @@ impl Cursor {
         };
         let p = self.position;
         // The scope id goes last: it is the only field that may contain ':'.
-        let raw = format!(
-            "{VERSION}:{kind}:{order}:{}:{}:{}:{id}",
-            p.rating, p.created_at_micros, p.id
-        );
+        let raw = format!("{VERSION}:{kind}:{order}:{}:{}:{}:{id}", p.rating, p.created_at_micros, p.id);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
     /// Parses a cursor and checks it belongs to `expected` list in `order`.
-    pub fn decode(
-        raw: &str,
-        expected: &ListScope,
-        order: ReviewOrder,
-    ) -> Result<Self, InvalidInput> {
+    pub fn decode(raw: &str, expected: &ListScope, order: ReviewOrder) -> Result<Self, InvalidInput> {
         let cursor = Self::parse(raw).ok_or(InvalidInput::Cursor)?;
         if &cursor.scope != expected || cursor.order != order {
             return Err(InvalidInput::ForeignCursor);
@@ -108,10 +97,7 @@ impl Cursor {
         let created_at_micros: i64 = parts.next()?.parse().ok()?;
         let id: i64 = parts.next()?.parse().ok()?;
         let scope_id = parts.next()?.to_owned();
-        if !(1..=5).contains(&rating)
-            || id <= 0
-            || DateTime::from_timestamp_micros(created_at_micros).is_none()
-        {
+        if !(1..=5).contains(&rating) || id <= 0 || DateTime::from_timestamp_micros(created_at_micros).is_none() {
             return None;
         }
         let scope = match kind {
@@ -119,15 +105,7 @@ impl Cursor {
             "a" => ListScope::Author(scope_id),
             _ => return None,
         };
-        Some(Self {
-            scope,
-            order,
-            position: Position {
-                rating,
-                created_at_micros,
-                id,
-            },
-        })
+        Some(Self { scope, order, position: Position { rating, created_at_micros, id } })
     }
 }
 
@@ -139,11 +117,7 @@ mod tests {
         Cursor {
             scope,
             order: ReviewOrder::HighestRating,
-            position: Position {
-                rating: 4,
-                created_at_micros: 1_763_700_000_123_000,
-                id: 77,
-            },
+            position: Position { rating: 4, created_at_micros: 1_763_700_000_123_000, id: 77 },
         }
     }
 
@@ -151,29 +125,18 @@ mod tests {
     fn round_trips_even_with_colons_in_ids() {
         let scope = ListScope::Offer("weird:id:with:colons".into());
         let c = cursor(scope.clone());
-        assert_eq!(
-            Cursor::decode(&c.encode(), &scope, ReviewOrder::HighestRating),
-            Ok(c)
-        );
+        assert_eq!(Cursor::decode(&c.encode(), &scope, ReviewOrder::HighestRating), Ok(c));
     }
 
     #[test]
     fn refuses_foreign_and_malformed_cursors() {
         let c = cursor(ListScope::Offer("a".into())).encode();
         assert_eq!(
-            Cursor::decode(
-                &c,
-                &ListScope::Offer("b".into()),
-                ReviewOrder::HighestRating
-            ),
+            Cursor::decode(&c, &ListScope::Offer("b".into()), ReviewOrder::HighestRating),
             Err(InvalidInput::ForeignCursor)
         );
         assert_eq!(
-            Cursor::decode(
-                &c,
-                &ListScope::Author("a".into()),
-                ReviewOrder::HighestRating
-            ),
+            Cursor::decode(&c, &ListScope::Author("a".into()), ReviewOrder::HighestRating),
             Err(InvalidInput::ForeignCursor)
         );
         assert_eq!(
@@ -182,18 +145,8 @@ mod tests {
         );
         let scope = ListScope::Offer("a".into());
         let forged = URL_SAFE_NO_PAD.encode("c1:o:h:9:0:1:a");
-        for bad in [
-            "",
-            "!!!",
-            "bm90IGEgY3Vyc29y",
-            forged.as_str(),
-            &"A".repeat(600),
-        ] {
-            assert_eq!(
-                Cursor::decode(bad, &scope, ReviewOrder::HighestRating),
-                Err(InvalidInput::Cursor),
-                "{bad}"
-            );
+        for bad in ["", "!!!", "bm90IGEgY3Vyc29y", forged.as_str(), &"A".repeat(600)] {
+            assert_eq!(Cursor::decode(bad, &scope, ReviewOrder::HighestRating), Err(InvalidInput::Cursor), "{bad}");
         }
     }
 }

@@ -17,11 +17,7 @@ pub struct EntityQuery;
 #[Object]
 impl EntityQuery {
     #[graphql(entity)]
-    async fn find_review_by_id(
-        &self,
-        ctx: &Context<'_>,
-        id: ID,
-    ) -> Result<Option<ReviewObject>, ApiError> {
+    async fn find_review_by_id(&self, ctx: &Context<'_>, id: ID) -> Result<Option<ReviewObject>, ApiError> {
         // A representation with a malformed id names no review.
         match parse_review_id(&id) {
             Ok(id) => visible_review(ctx, id).await,
@@ -31,15 +27,11 @@ impl EntityQuery {
 
     #[graphql(entity)]
     async fn find_offer_by_id(&self, id: ID) -> Result<Offer, ApiError> {
-        Ok(Offer {
-            id: EntityId::new(&id, "id")?.into_string(),
-        })
+        Ok(Offer { id: EntityId::new(&id, "id")?.into_string() })
     }
 
     #[graphql(entity)]
     async fn find_user_by_id(&self, id: ID) -> Result<User, ApiError> {
-        Ok(User {
-            id: EntityId::new(&id, "id")?.into_string(),
-        })
+        Ok(User { id: EntityId::new(&id, "id")?.into_string() })
     }
 }

@@ -6,11 +6,10 @@ use async_graphql::{Context, InputObject, Object, ID};
 use super::types::ReviewObject;
 use super::RequestAuth;
 use crate::config::DomainConfig;
-use crate::domain::{
-    parse_review_id, EntityId, InvalidInput, Rating, ReviewStatus, ReviewText, Viewer,
-};
+use crate::domain::{parse_review_id, EntityId, InvalidInput, Rating, ReviewStatus, ReviewText, Viewer};
 use crate::error::ApiError;
-use crate::store::{NewReview, ReviewPatch, Store};
+use crate::events::{cascade, Events};
+use crate::store::{Committed, NewReview, ReviewPatch, Store};
 
 #[derive(InputObject)]
 pub struct CreateReviewInput {
@@ -28,37 +27,34 @@ pub struct UpdateReviewInput {
 pub struct Mutation;
 
 fn writer<'c>(ctx: &'c Context<'_>) -> Result<&'c Viewer, ApiError> {
-    ctx.data_opt::<RequestAuth>()
-        .ok_or_else(|| ApiError::Unauthenticated("authentication required".into()))?
-        .writer()
+    ctx.data_opt::<RequestAuth>().ok_or_else(|| ApiError::Unauthenticated("authentication required".into()))?.writer()
+}
+
+/// Relays the write's event before answering: the caller's next read, on
+/// any instance, does not see the old value from a cache.
+async fn publish<T>(ctx: &Context<'_>, committed: Committed<T>) -> T {
+    if let Some((id, event)) = &committed.event {
+        ctx.data_unchecked::<Events>().after_commit(*id, &cascade::tags(event)).await;
+    }
+    committed.value
 }
 
 #[Object]
 impl Mutation {
     /// The caller (JWT subject) reviews an offer; one review per user and offer.
-    async fn create_review(
-        &self,
-        ctx: &Context<'_>,
-        input: CreateReviewInput,
-    ) -> Result<ReviewObject, ApiError> {
+    async fn create_review(&self, ctx: &Context<'_>, input: CreateReviewInput) -> Result<ReviewObject, ApiError> {
         let viewer = writer(ctx)?;
-        let author = viewer
-            .user_id()
-            .ok_or_else(|| ApiError::Unauthenticated("authentication required".into()))?;
+        let author = viewer.user_id().ok_or_else(|| ApiError::Unauthenticated("authentication required".into()))?;
         let moderated = ctx.data_unchecked::<DomainConfig>().moderate_on_create;
         let new = NewReview {
             offer_id: EntityId::new(&input.offer_id, "offerId")?,
             author_id: EntityId::new(author, "sub")?,
             rating: Rating::new(input.rating.into())?,
             text: ReviewText::new(&input.text)?,
-            status: if moderated {
-                ReviewStatus::Pending
-            } else {
-                ReviewStatus::Published
-            },
+            status: if moderated { ReviewStatus::Pending } else { ReviewStatus::Published },
         };
-        let review = ctx.data_unchecked::<Store>().create_review(new).await?;
-        Ok(ReviewObject(review.into()))
+        let committed = ctx.data_unchecked::<Store>().create_review(new).await?;
+        Ok(ReviewObject(publish(ctx, committed).await.into()))
     }
 
     /// Only the author or a moderator.
@@ -77,41 +73,26 @@ impl Mutation {
         if patch.rating.is_none() && patch.text.is_none() {
             return Err(InvalidInput::EmptyUpdate.into());
         }
-        let review = ctx
-            .data_unchecked::<Store>()
-            .update_review(viewer, id, patch)
-            .await?;
-        Ok(ReviewObject(review.into()))
+        let committed = ctx.data_unchecked::<Store>().update_review(viewer, id, patch).await?;
+        Ok(ReviewObject(publish(ctx, committed).await.into()))
     }
 
     /// Soft delete; only the author or a moderator. True when a review was deleted.
     async fn delete_review(&self, ctx: &Context<'_>, id: ID) -> Result<bool, ApiError> {
         let viewer = writer(ctx)?;
         let id = parse_review_id(&id)?;
-        Ok(ctx
-            .data_unchecked::<Store>()
-            .delete_review(viewer, id)
-            .await?)
+        let committed = ctx.data_unchecked::<Store>().delete_review(viewer, id).await?;
+        Ok(publish(ctx, committed).await)
     }
 
     /// Moderators only.
-    async fn moderate_review(
-        &self,
-        ctx: &Context<'_>,
-        id: ID,
-        status: ReviewStatus,
-    ) -> Result<ReviewObject, ApiError> {
+    async fn moderate_review(&self, ctx: &Context<'_>, id: ID, status: ReviewStatus) -> Result<ReviewObject, ApiError> {
         let viewer = writer(ctx)?;
         if !viewer.is_moderator() {
-            return Err(ApiError::Forbidden(
-                "only moderators may moderate reviews".into(),
-            ));
+            return Err(ApiError::Forbidden("only moderators may moderate reviews".into()));
         }
         let id = parse_review_id(&id)?;
-        let review = ctx
-            .data_unchecked::<Store>()
-            .moderate_review(id, status)
-            .await?;
-        Ok(ReviewObject(review.into()))
+        let committed = ctx.data_unchecked::<Store>().moderate_review(id, status).await?;
+        Ok(ReviewObject(publish(ctx, committed).await.into()))
     }
 }

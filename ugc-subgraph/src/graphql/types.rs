@@ -3,15 +3,13 @@
 
 use std::sync::Arc;
 
-use async_graphql::{
-    Context, InputValueError, InputValueResult, Object, Scalar, ScalarType, Value, ID,
-};
+use async_graphql::{Context, InputValueError, InputValueResult, Object, Scalar, ScalarType, Value, ID};
 use chrono::{SecondsFormat, Utc};
 
 use crate::domain::cursor::{Cursor, ListScope, Position};
 use crate::domain::{EntityId, Page, PageSize, RatingSummary, Review, ReviewOrder, ReviewStatus};
 use crate::error::ApiError;
-use crate::loaders::{AuthorCountKey, Loaders, RatingKey};
+use crate::loaders::Loaders;
 use crate::store::PageKey;
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-21T10:15:30.123Z`.
@@ -43,15 +41,11 @@ impl ReviewObject {
     }
 
     async fn offer(&self) -> Offer {
-        Offer {
-            id: self.0.offer_id.clone(),
-        }
+        Offer { id: self.0.offer_id.clone() }
     }
 
     async fn author(&self) -> User {
-        User {
-            id: self.0.author_id.clone(),
-        }
+        User { id: self.0.author_id.clone() }
     }
 
     /// 1 to 5 stars.
@@ -102,11 +96,7 @@ impl Offer {
 
     /// Aggregate over published reviews of this offer.
     async fn rating(&self, ctx: &Context<'_>) -> Result<OfferRating, ApiError> {
-        let summary = ctx
-            .data_unchecked::<Loaders>()
-            .load_one(RatingKey(self.id.clone()))
-            .await?;
-        Ok(OfferRating(summary.unwrap_or_default()))
+        Ok(OfferRating(ctx.data_unchecked::<Loaders>().rating(&self.id).await?))
     }
 }
 
@@ -134,11 +124,7 @@ impl User {
     }
 
     async fn review_count(&self, ctx: &Context<'_>) -> Result<i32, ApiError> {
-        let n = ctx
-            .data_unchecked::<Loaders>()
-            .load_one(AuthorCountKey(self.id.clone()))
-            .await?;
-        Ok(clamp_count(n.unwrap_or(0)))
+        Ok(clamp_count(ctx.data_unchecked::<Loaders>().author_count(&self.id).await?))
     }
 }
 
@@ -167,12 +153,7 @@ impl OfferRating {
 
     /// Exactly five numbers: how many published reviews gave 1, 2, 3, 4 and 5 stars.
     async fn distribution(&self) -> Vec<i32> {
-        self.0
-            .distribution
-            .iter()
-            .copied()
-            .map(clamp_count)
-            .collect()
+        self.0.distribution.iter().copied().map(clamp_count).collect()
     }
 }
 
@@ -201,57 +182,30 @@ impl ReviewConnection {
             None => None,
             Some(raw) => Some(Cursor::decode(raw, &scope, order)?.position),
         };
-        let key = PageKey {
-            scope: scope.clone(),
-            order,
-            size,
-            after,
-        };
+        let key = PageKey { scope: scope.clone(), order, size, after };
         let loaders = ctx.data_unchecked::<Loaders>();
         let (page, total) = if ctx.look_ahead().field("totalCount").exists() {
-            let (page, total) =
-                futures::future::try_join(loaders.load_one(key), total_count(loaders, &scope))
-                    .await?;
+            let (page, total) = futures::future::try_join(loaders.page(key), total_count(loaders, &scope)).await?;
             (page, Some(total))
         } else {
-            (loaders.load_one(key).await?, None)
+            (loaders.page(key).await?, None)
         };
-        Ok(Self {
-            page: page.unwrap_or_default(),
-            scope: Arc::new(scope),
-            order,
-            total,
-        })
+        Ok(Self { page, scope: Arc::new(scope), order, total })
     }
 
     fn cursor(&self, review: &Review) -> String {
-        Cursor {
-            scope: (*self.scope).clone(),
-            order: self.order,
-            position: Position::of(review),
-        }
-        .encode()
+        Cursor { scope: (*self.scope).clone(), order: self.order, position: Position::of(review) }.encode()
     }
 }
 
 #[Object]
 impl ReviewConnection {
     async fn edges(&self) -> Vec<ReviewEdge<'_>> {
-        self.page
-            .reviews
-            .iter()
-            .map(|review| ReviewEdge {
-                connection: self,
-                review,
-            })
-            .collect()
+        self.page.reviews.iter().map(|review| ReviewEdge { connection: self, review }).collect()
     }
 
     async fn page_info(&self) -> PageInfo {
-        PageInfo {
-            has_next_page: self.page.has_next,
-            end_cursor: self.page.reviews.last().map(|r| self.cursor(r)),
-        }
+        PageInfo { has_next_page: self.page.has_next, end_cursor: self.page.reviews.last().map(|r| self.cursor(r)) }
     }
 
     /// All published reviews of the list, not just this page.
@@ -265,20 +219,11 @@ impl ReviewConnection {
 }
 
 /// Published reviews in a list: the offer's rating count or the author's count.
-async fn total_count(
-    loaders: &Loaders,
-    scope: &ListScope,
-) -> Result<i64, crate::loaders::LoadError> {
-    Ok(match scope {
-        ListScope::Offer(id) => loaders
-            .load_one(RatingKey(id.clone()))
-            .await?
-            .map_or(0, |s| s.count),
-        ListScope::Author(id) => loaders
-            .load_one(AuthorCountKey(id.clone()))
-            .await?
-            .unwrap_or(0),
-    })
+async fn total_count(loaders: &Loaders, scope: &ListScope) -> Result<i64, crate::loaders::LoadError> {
+    match scope {
+        ListScope::Offer(id) => Ok(loaders.rating(id).await?.count),
+        ListScope::Author(id) => loaders.author_count(id).await,
+    }
 }
 
 pub struct ReviewEdge<'a> {

@@ -46,10 +46,7 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
-        Self {
-            key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
-            validation,
-        }
+        Self { key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())), validation }
     }
 
     /// The viewer of a request: `Ok(Anonymous)` without a token.
@@ -75,10 +72,7 @@ impl Authenticator {
             })?
             .claims;
         let id = EntityId::new(&claims.sub, "sub").map_err(|_| AuthError::BadSubject)?;
-        Ok(Viewer::User {
-            id: id.into_string(),
-            moderator: claims.roles.iter().any(|r| r == "moderator"),
-        })
+        Ok(Viewer::User { id: id.into_string(), moderator: claims.roles.iter().any(|r| r == "moderator") })
     }
 }
 
@@ -90,17 +84,9 @@ mod tests {
     const SECRET: &str = "test-secret-0123456789";
 
     fn token(secret: &str, claims: serde_json::Value, alg: Algorithm) -> HeaderMap {
-        let t = encode(
-            &Header::new(alg),
-            &claims,
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap();
+        let t = encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
         let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            format!("Bearer {t}").parse().unwrap(),
-        );
+        h.insert(header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
         h
     }
 
@@ -112,43 +98,18 @@ mod tests {
     fn verifies_tokens() {
         let auth = Authenticator::new(Some(SECRET));
         assert_eq!(auth.viewer(&HeaderMap::new()), Ok(Viewer::Anonymous));
-        let ok = token(
-            SECRET,
-            serde_json::json!({"sub": "u1", "exp": exp(60), "roles": ["moderator"]}),
-            Algorithm::HS256,
-        );
-        assert_eq!(
-            auth.viewer(&ok),
-            Ok(Viewer::User {
-                id: "u1".into(),
-                moderator: true
-            })
-        );
-        let expired = token(
-            SECRET,
-            serde_json::json!({"sub": "u1", "exp": exp(-3600)}),
-            Algorithm::HS256,
-        );
+        let ok =
+            token(SECRET, serde_json::json!({"sub": "u1", "exp": exp(60), "roles": ["moderator"]}), Algorithm::HS256);
+        assert_eq!(auth.viewer(&ok), Ok(Viewer::User { id: "u1".into(), moderator: true }));
+        let expired = token(SECRET, serde_json::json!({"sub": "u1", "exp": exp(-3600)}), Algorithm::HS256);
         assert_eq!(auth.viewer(&expired), Err(AuthError::Expired));
-        let forged = token(
-            "another-secret-999999",
-            serde_json::json!({"sub": "u1", "exp": exp(60)}),
-            Algorithm::HS256,
-        );
+        let forged = token("another-secret-999999", serde_json::json!({"sub": "u1", "exp": exp(60)}), Algorithm::HS256);
         assert_eq!(auth.viewer(&forged), Err(AuthError::Invalid));
-        let other_alg = token(
-            SECRET,
-            serde_json::json!({"sub": "u1", "exp": exp(60)}),
-            Algorithm::HS384,
-        );
+        let other_alg = token(SECRET, serde_json::json!({"sub": "u1", "exp": exp(60)}), Algorithm::HS384);
         assert_eq!(auth.viewer(&other_alg), Err(AuthError::Invalid));
         let no_exp = token(SECRET, serde_json::json!({"sub": "u1"}), Algorithm::HS256);
         assert_eq!(auth.viewer(&no_exp), Err(AuthError::Invalid));
-        let long_sub = token(
-            SECRET,
-            serde_json::json!({"sub": "x".repeat(65), "exp": exp(60)}),
-            Algorithm::HS256,
-        );
+        let long_sub = token(SECRET, serde_json::json!({"sub": "x".repeat(65), "exp": exp(60)}), Algorithm::HS256);
         assert_eq!(auth.viewer(&long_sub), Err(AuthError::BadSubject));
         let mut basic = HeaderMap::new();
         basic.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());

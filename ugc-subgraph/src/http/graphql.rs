@@ -23,11 +23,7 @@ const JSON: &str = "application/json";
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 
 pub async fn graphiql() -> Html<String> {
-    Html(
-        async_graphql::http::GraphiQLSource::build()
-            .endpoint("/graphql")
-            .finish(),
-    )
+    Html(async_graphql::http::GraphiQLSource::build().endpoint("/graphql").finish())
 }
 
 pub async fn execute(
@@ -36,10 +32,7 @@ pub async fn execute(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let format = negotiate(&headers);
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(JSON);
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(JSON);
     if !content_type.to_ascii_lowercase().starts_with(JSON) {
         return reject(
             &state,
@@ -59,67 +52,33 @@ pub async fn execute(
                 &format!("request body exceeds {limit} bytes"),
             );
         }
-        Err(rejection) => {
-            return reject(
-                &state,
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                &rejection.body_text(),
-            )
-        }
+        Err(rejection) => return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &rejection.body_text()),
     };
     let batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(e) => {
-            return reject(
-                &state,
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                &format!("malformed request body: {e}"),
-            )
+            return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("malformed request body: {e}"))
         }
     };
     if requests(&batch).any(|r| r.query.trim().is_empty()) {
-        return reject(
-            &state,
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            "the request has no `query`",
-        );
+        return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", "the request has no `query`");
     }
     let operation = operation_kind(&batch);
     let batch = batch.data(RequestAuth(state.auth.viewer(&headers)));
 
     state.metrics.in_flight.inc();
     let started = Instant::now();
-    let outcome = tokio::time::timeout(
-        state.config.http.request_timeout,
-        state.schema.execute_batch(batch),
-    )
-    .await;
+    let outcome = tokio::time::timeout(state.config.http.request_timeout, state.schema.execute_batch(batch)).await;
     state.metrics.in_flight.dec();
     let Ok(mut response) = outcome else {
         observe(&state, operation, "timeout", started);
-        return reject(
-            &state,
-            StatusCode::GATEWAY_TIMEOUT,
-            "TIMEOUT",
-            "request timed out",
-        );
+        return reject(&state, StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "request timed out");
     };
     let request_error = add_default_codes(&mut response);
-    observe(
-        &state,
-        operation,
-        if response.is_ok() { "ok" } else { "error" },
-        started,
-    );
+    observe(&state, operation, if response.is_ok() { "ok" } else { "error" }, started);
 
-    let status = if format == GRAPHQL_RESPONSE_JSON && request_error {
-        StatusCode::BAD_REQUEST
-    } else {
-        StatusCode::OK
-    };
+    let status =
+        if format == GRAPHQL_RESPONSE_JSON && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
     json_response(status, format, &response)
 }
 
@@ -162,10 +121,7 @@ fn add_default_codes(response: &mut BatchResponse) -> bool {
         let no_data = matches!(r.data, Value::Null);
         request_error |= no_data && !r.errors.is_empty();
         for error in &mut r.errors {
-            let has_code = error
-                .extensions
-                .as_ref()
-                .is_some_and(|e| e.get("code").is_some());
+            let has_code = error.extensions.as_ref().is_some_and(|e| e.get("code").is_some());
             let wrong_value = error.message.starts_with("Invalid value for argument");
             let code = match (wrong_value, has_code) {
                 (true, _) => "BAD_USER_INPUT",
@@ -173,20 +129,14 @@ fn add_default_codes(response: &mut BatchResponse) -> bool {
                 (false, false) if no_data => "GRAPHQL_VALIDATION_FAILED",
                 (false, false) => "BAD_USER_INPUT",
             };
-            error
-                .extensions
-                .get_or_insert_with(ErrorExtensionValues::default)
-                .set("code", code);
+            error.extensions.get_or_insert_with(ErrorExtensionValues::default).set("code", code);
         }
     }
     request_error
 }
 
 fn negotiate(headers: &HeaderMap) -> &'static str {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     if accept.contains(GRAPHQL_RESPONSE_JSON) {
         GRAPHQL_RESPONSE_JSON
     } else {
@@ -194,18 +144,12 @@ fn negotiate(headers: &HeaderMap) -> &'static str {
     }
 }
 
-fn json_response(
-    status: StatusCode,
-    content_type: &'static str,
-    body: &impl serde::Serialize,
-) -> Response {
+fn json_response(status: StatusCode, content_type: &'static str, body: &impl serde::Serialize) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => {
             let mut response = Response::new(Body::from(bytes));
             *response.status_mut() = status;
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         }
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -218,11 +162,7 @@ fn error_body(code: &str, message: &str) -> serde_json::Value {
 
 /// A rejection before execution, shaped like a GraphQL response.
 fn reject(state: &AppState, status: StatusCode, code: &'static str, message: &str) -> Response {
-    state
-        .metrics
-        .http_rejections
-        .get_or_create(&[("reason", code)])
-        .inc();
+    state.metrics.http_rejections.get_or_create(&[("reason", code)]).inc();
     json_response(status, JSON, &error_body(code, message))
 }
 
@@ -234,9 +174,5 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
     tracing::error!(panic = detail, "handler panicked");
-    json_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        JSON,
-        &error_body("INTERNAL_SERVER_ERROR", "internal error"),
-    )
+    json_response(StatusCode::INTERNAL_SERVER_ERROR, JSON, &error_body("INTERNAL_SERVER_ERROR", "internal error"))
 }

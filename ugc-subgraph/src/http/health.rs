@@ -21,16 +21,23 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "unreachable"
         }
     };
-    let ready = postgres == "ok";
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    // Redis is optional: its state is reported, it never makes us unready.
+    // The ping goes through the circuit breaker: while the circuit is open it
+    // is skipped, and once half-open it is the probe that closes it again.
+    state.cache.ping_l2().await;
+    let redis = match state.cache.l2_state() {
+        None => "not configured",
+        Some(crate::cache::BreakerState::Closed) => "ok",
+        Some(crate::cache::BreakerState::HalfOpen) => "recovering (circuit half-open)",
+        Some(crate::cache::BreakerState::Open) => "unavailable (circuit open; serving from L1 + Postgres)",
     };
+    let ready = postgres == "ok";
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "postgres": postgres,
-        "redis": if state.config.redis_url.is_some() { "configured" } else { "not configured" },
+        "redis": redis,
+        "cache": if state.cache.enabled() { "on" } else { "off" },
     });
     (status, Json(body))
 }

@@ -19,7 +19,7 @@ use crate::domain::cursor::{ListScope, Position};
 use crate::domain::{Page, PageSize, Review, ReviewOrder};
 
 /// One page of one list: the DataLoader key of the page loaders.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PageKey {
     pub scope: ListScope,
     pub order: ReviewOrder,
@@ -37,31 +37,17 @@ enum ListKind {
 /// (list kind, order) → statement. Authors' lists are newest first only.
 static STATEMENTS: LazyLock<HashMap<(ListKind, ReviewOrder), String>> = LazyLock::new(|| {
     let mut m = HashMap::new();
-    for order in [
-        ReviewOrder::Newest,
-        ReviewOrder::Oldest,
-        ReviewOrder::HighestRating,
-        ReviewOrder::LowestRating,
-    ] {
+    for order in [ReviewOrder::Newest, ReviewOrder::Oldest, ReviewOrder::HighestRating, ReviewOrder::LowestRating] {
         m.insert((ListKind::Offer, order), page_sql("offer_id", order));
     }
-    m.insert(
-        (ListKind::Author, ReviewOrder::Newest),
-        page_sql("author_id", ReviewOrder::Newest),
-    );
+    m.insert((ListKind::Author, ReviewOrder::Newest), page_sql("author_id", ReviewOrder::Newest));
     m
 });
 
 fn page_sql(scope_column: &str, order: ReviewOrder) -> String {
     let (seek, order_by) = match order {
-        ReviewOrder::Newest => (
-            "(r.created_at, r.id) < (k.c_ts, k.c_id)",
-            "r.created_at DESC, r.id DESC",
-        ),
-        ReviewOrder::Oldest => (
-            "(r.created_at, r.id) > (k.c_ts, k.c_id)",
-            "r.created_at ASC, r.id ASC",
-        ),
+        ReviewOrder::Newest => ("(r.created_at, r.id) < (k.c_ts, k.c_id)", "r.created_at DESC, r.id DESC"),
+        ReviewOrder::Oldest => ("(r.created_at, r.id) > (k.c_ts, k.c_id)", "r.created_at ASC, r.id ASC"),
         ReviewOrder::HighestRating => (
             "(r.rating, r.created_at, r.id) < (k.c_rating, k.c_ts, k.c_id)",
             "r.rating DESC, r.created_at DESC, r.id DESC",
@@ -94,11 +80,7 @@ fn sentinel(order: ReviewOrder) -> Position {
         ReviewOrder::HighestRating => (6, far_future, i64::MAX),
         ReviewOrder::LowestRating => (0, far_future, i64::MAX),
     };
-    Position {
-        rating,
-        created_at_micros: at.timestamp_micros(),
-        id,
-    }
+    Position { rating, created_at_micros: at.timestamp_micros(), id }
 }
 
 /// Total order of `order` over reviews, used to put each list's rows back in
@@ -126,10 +108,7 @@ impl Store {
                 ListScope::Offer(_) => ListKind::Offer,
                 ListScope::Author(_) => ListKind::Author,
             };
-            groups
-                .entry((kind, key.order, key.size))
-                .or_default()
-                .push(key);
+            groups.entry((kind, key.order, key.size)).or_default().push(key);
         }
         let mut out = HashMap::with_capacity(keys.len());
         for ((kind, order, size), group) in groups {
@@ -145,25 +124,14 @@ impl Store {
         size: PageSize,
         keys: &[&PageKey],
     ) -> Result<Vec<(PageKey, Page)>, StoreError> {
-        let order = if kind == ListKind::Author {
-            ReviewOrder::Newest
-        } else {
-            order
-        };
+        let order = if kind == ListKind::Author { ReviewOrder::Newest } else { order };
         let (statement, name) = match kind {
             ListKind::Offer => (&STATEMENTS[&(ListKind::Offer, order)], "offer_review_pages"),
-            ListKind::Author => (
-                &STATEMENTS[&(ListKind::Author, ReviewOrder::Newest)],
-                "author_review_pages",
-            ),
+            ListKind::Author => (&STATEMENTS[&(ListKind::Author, ReviewOrder::Newest)], "author_review_pages"),
         };
         let n = keys.len();
-        let (mut scope_ids, mut ratings, mut times, mut ids) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let (mut scope_ids, mut ratings, mut times, mut ids) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for key in keys {
             let (ListScope::Offer(id) | ListScope::Author(id)) = &key.scope;
             let p = key.after.unwrap_or_else(|| sentinel(order));
@@ -187,9 +155,7 @@ impl Store {
             .await?;
         let mut lists: Vec<Vec<Review>> = vec![Vec::new(); n];
         for row in &rows {
-            let ord: i64 = row
-                .try_get("ord")
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let ord: i64 = row.try_get("ord").map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let slot = usize::try_from(ord - 1).ok().and_then(|i| lists.get_mut(i));
             slot.ok_or_else(|| StoreError::Corrupt(format!("ordinality {ord} out of range")))?
                 .push(review_from_row(row)?);
@@ -201,13 +167,7 @@ impl Store {
                 reviews.sort_by(|a, b| compare(order, a, b));
                 let has_next = reviews.len() > size.get();
                 reviews.truncate(size.get());
-                (
-                    (*key).clone(),
-                    Page {
-                        reviews: reviews.into_iter().map(Into::into).collect(),
-                        has_next,
-                    },
-                )
+                ((*key).clone(), Page { reviews: reviews.into_iter().map(Into::into).collect(), has_next })
             })
             .collect())
     }

@@ -15,15 +15,8 @@ impl Store {
     /// # Errors
     /// Postgres unavailable or failing.
     pub async fn reviews_by_ids(&self, ids: &[i64]) -> Result<Vec<Review>, StoreError> {
-        let sql = format!(
-            "SELECT {REVIEW_COLUMNS} FROM reviews r WHERE r.id = ANY($1) AND r.deleted_at IS NULL"
-        );
-        let rows = self
-            .timed(
-                "reviews_by_ids",
-                sqlx::query(&sql).bind(ids).fetch_all(&self.replica),
-            )
-            .await?;
+        let sql = format!("SELECT {REVIEW_COLUMNS} FROM reviews r WHERE r.id = ANY($1) AND r.deleted_at IS NULL");
+        let rows = self.timed("reviews_by_ids", sqlx::query(&sql).bind(ids).fetch_all(&self.replica)).await?;
         rows.iter().map(review_from_row).collect()
     }
 
@@ -32,10 +25,7 @@ impl Store {
     ///
     /// # Errors
     /// Postgres unavailable or failing.
-    pub async fn offer_ratings(
-        &self,
-        offer_ids: &[String],
-    ) -> Result<HashMap<String, RatingSummary>, StoreError> {
+    pub async fn offer_ratings(&self, offer_ids: &[String]) -> Result<HashMap<String, RatingSummary>, StoreError> {
         let rows = self
             .timed(
                 "offer_ratings",
@@ -47,10 +37,8 @@ impl Store {
                 .fetch_all(&self.replica),
             )
             .await?;
-        let mut out: HashMap<String, RatingSummary> = offer_ids
-            .iter()
-            .map(|id| (id.clone(), RatingSummary::default()))
-            .collect();
+        let mut out: HashMap<String, RatingSummary> =
+            offer_ids.iter().map(|id| (id.clone(), RatingSummary::default())).collect();
         for row in rows {
             let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
             let mut summary = RatingSummary {
@@ -58,10 +46,7 @@ impl Store {
                 sum: row.try_get("rating_sum").map_err(corrupt)?,
                 distribution: [0; 5],
             };
-            for (i, column) in ["stars_1", "stars_2", "stars_3", "stars_4", "stars_5"]
-                .into_iter()
-                .enumerate()
-            {
+            for (i, column) in ["stars_1", "stars_2", "stars_3", "stars_4", "stars_5"].into_iter().enumerate() {
                 summary.distribution[i] = row.try_get(column).map_err(corrupt)?;
             }
             out.insert(row.try_get("offer_id").map_err(corrupt)?, summary);
@@ -73,10 +58,7 @@ impl Store {
     ///
     /// # Errors
     /// Postgres unavailable or failing.
-    pub async fn author_review_counts(
-        &self,
-        author_ids: &[String],
-    ) -> Result<HashMap<String, i64>, StoreError> {
+    pub async fn author_review_counts(&self, author_ids: &[String]) -> Result<HashMap<String, i64>, StoreError> {
         let rows: Vec<(String, i64)> = self
             .timed(
                 "author_review_counts",

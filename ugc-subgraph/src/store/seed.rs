@@ -35,11 +35,7 @@ pub struct SeedReport {
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error("{reviews} reviews cannot fit {offers} offers × {users} users with one review per (user, offer)")]
-    TooMany {
-        reviews: u64,
-        offers: u32,
-        users: u32,
-    },
+    TooMany { reviews: u64, offers: u32, users: u32 },
     #[error("offers and users must be between 1 and 999999")]
     BadSize,
     #[error(transparent)]
@@ -75,20 +71,11 @@ pub fn reviews_per_offer(plan: &SeedPlan) -> Result<Vec<u64>, SeedError> {
     }
     let cap = u64::from(plan.users);
     if plan.reviews > u64::from(plan.offers) * cap {
-        return Err(SeedError::TooMany {
-            reviews: plan.reviews,
-            offers: plan.offers,
-            users: plan.users,
-        });
+        return Err(SeedError::TooMany { reviews: plan.reviews, offers: plan.offers, users: plan.users });
     }
-    let weights: Vec<f64> = (1..=plan.offers)
-        .map(|k| 1.0 / f64::from(k).powf(ZIPF_S))
-        .collect();
+    let weights: Vec<f64> = (1..=plan.offers).map(|k| 1.0 / f64::from(k).powf(ZIPF_S)).collect();
     let total: f64 = weights.iter().sum();
-    let mut counts: Vec<u64> = weights
-        .iter()
-        .map(|w| ((plan.reviews as f64 * w / total) as u64).min(cap))
-        .collect();
+    let mut counts: Vec<u64> = weights.iter().map(|w| ((plan.reviews as f64 * w / total) as u64).min(cap)).collect();
     // Hand out what flooring and capping left over, hottest offers first.
     let mut left = plan.reviews - counts.iter().sum::<u64>();
     while left > 0 {
@@ -132,23 +119,15 @@ impl Store {
         let counts = reviews_per_offer(&plan)?;
         let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
         let newest = DateTime::<Utc>::from_timestamp(NEWEST_REVIEW, 0).unwrap_or_default();
-        let q = |e: sqlx::Error| StoreError::Query {
-            statement: "seed",
-            source: e,
-        };
+        let q = |e: sqlx::Error| StoreError::Query { statement: "seed", source: e };
 
         let mut tx = self.primary.begin().await.map_err(q)?;
         // Bulk work: the per-statement timeout that protects the API does not apply.
-        sqlx::query("SET LOCAL statement_timeout = 0")
+        sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(q)?;
+        sqlx::query("TRUNCATE reviews, offer_ratings, author_review_counts, outbox RESTART IDENTITY")
             .execute(&mut *tx)
             .await
             .map_err(q)?;
-        sqlx::query(
-            "TRUNCATE reviews, offer_ratings, author_review_counts, outbox RESTART IDENTITY",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(q)?;
         // Secondary indexes are rebuilt after the load: far faster than
         // maintaining six b-trees row by row.
         let indexes: Vec<(String, String)> = sqlx::query_as(
@@ -159,15 +138,9 @@ impl Store {
         .await
         .map_err(q)?;
         for (name, _) in &indexes {
-            sqlx::query(&format!("DROP INDEX {name}"))
-                .execute(&mut *tx)
-                .await
-                .map_err(q)?;
+            sqlx::query(&format!("DROP INDEX {name}")).execute(&mut *tx).await.map_err(q)?;
         }
-        sqlx::query("ALTER TABLE reviews DISABLE TRIGGER reviews_aggregates")
-            .execute(&mut *tx)
-            .await
-            .map_err(q)?;
+        sqlx::query("ALTER TABLE reviews DISABLE TRIGGER reviews_aggregates").execute(&mut *tx).await.map_err(q)?;
 
         let mut copy = tx
             .copy_in_raw("COPY reviews (offer_id, author_id, rating, body, status, created_at, updated_at) FROM STDIN")
@@ -188,8 +161,7 @@ impl Store {
             for j in 0..count {
                 let user = (start + j * stride) % users + 1;
                 let stars = pick_stars(&mut rng);
-                let created =
-                    newest - Duration::milliseconds(rng.random_range(0..SPAN_SECS * 1000));
+                let created = newest - Duration::milliseconds(rng.random_range(0..SPAN_SECS * 1000));
                 let roll = rng.random_range(0..1000);
                 let status = match roll {
                     0..=4 => "REJECTED",
@@ -220,10 +192,7 @@ impl Store {
         for (_, definition) in &indexes {
             sqlx::query(definition).execute(&mut *tx).await.map_err(q)?;
         }
-        sqlx::query("ALTER TABLE reviews ENABLE TRIGGER reviews_aggregates")
-            .execute(&mut *tx)
-            .await
-            .map_err(q)?;
+        sqlx::query("ALTER TABLE reviews ENABLE TRIGGER reviews_aggregates").execute(&mut *tx).await.map_err(q)?;
         sqlx::query(
             "INSERT INTO offer_ratings (offer_id, review_count, rating_sum, stars_1, stars_2, stars_3, stars_4, stars_5) \
              SELECT offer_id, count(*), sum(rating), \
@@ -244,14 +213,8 @@ impl Store {
         .await
         .map_err(q)?;
         tx.commit().await.map_err(q)?;
-        sqlx::query("ANALYZE reviews, offer_ratings, author_review_counts")
-            .execute(&self.primary)
-            .await
-            .map_err(q)?;
-        Ok(SeedReport {
-            reviews: loaded,
-            elapsed: started.elapsed(),
-        })
+        sqlx::query("ANALYZE reviews, offer_ratings, author_review_counts").execute(&self.primary).await.map_err(q)?;
+        Ok(SeedReport { reviews: loaded, elapsed: started.elapsed() })
     }
 }
 
@@ -261,34 +224,18 @@ mod tests {
 
     #[test]
     fn zipf_counts_sum_exactly_and_respect_the_user_cap() {
-        let plan = SeedPlan {
-            offers: 1000,
-            users: 500,
-            reviews: 100_000,
-            seed: 1,
-        };
+        let plan = SeedPlan { offers: 1000, users: 500, reviews: 100_000, seed: 1 };
         let counts = reviews_per_offer(&plan).unwrap();
         assert_eq!(counts.iter().sum::<u64>(), 100_000);
         assert!(counts.iter().all(|&c| c <= 500));
-        assert!(
-            counts[0] >= counts[10] && counts[10] >= counts[999],
-            "hot head, long tail"
-        );
+        assert!(counts[0] >= counts[10] && counts[10] >= counts[999], "hot head, long tail");
         assert!(counts[999] > 0);
     }
 
     #[test]
     fn impossible_plans_are_refused() {
-        let plan = SeedPlan {
-            offers: 2,
-            users: 3,
-            reviews: 7,
-            seed: 1,
-        };
-        assert!(matches!(
-            reviews_per_offer(&plan),
-            Err(SeedError::TooMany { .. })
-        ));
+        let plan = SeedPlan { offers: 2, users: 3, reviews: 7, seed: 1 };
+        assert!(matches!(reviews_per_offer(&plan), Err(SeedError::TooMany { .. })));
     }
 
     #[test]
@@ -298,9 +245,6 @@ mod tests {
         for _ in 0..10_000 {
             hist[usize::from(pick_stars(&mut rng)) - 1] += 1;
         }
-        assert!(
-            hist[4] > hist[3] && hist[3] > hist[2] && hist[2] > hist[0],
-            "{hist:?}"
-        );
+        assert!(hist[4] > hist[3] && hist[3] > hist[2] && hist[2] > hist[0], "{hist:?}");
     }
 }

@@ -29,6 +29,14 @@ pub struct ReviewPatch {
     pub text: Option<ReviewText>,
 }
 
+/// A committed write: its result and the event it appended to the outbox.
+#[derive(Debug)]
+pub struct Committed<T> {
+    pub value: T,
+    /// `None` when nothing changed (e.g. deleting a deleted review).
+    pub event: Option<(i64, Event)>,
+}
+
 /// What a locked row looks like before the change.
 enum Locked {
     Missing,
@@ -42,7 +50,7 @@ impl Store {
     ///
     /// # Errors
     /// `Conflict`, or the store failing.
-    pub async fn create_review(&self, new: NewReview) -> Result<Review, WriteError> {
+    pub async fn create_review(&self, new: NewReview) -> Result<Committed<Review>, WriteError> {
         let mut tx = self.begin().await?;
         let sql = format!(
             "INSERT INTO reviews AS r (offer_id, author_id, rating, body, status) VALUES ($1, $2, $3, $4, $5) \
@@ -61,19 +69,17 @@ impl Store {
             )
             .await;
         let row = match inserted {
-            Err(StoreError::Query {
-                source: sqlx::Error::Database(e),
-                ..
-            }) if e.constraint() == Some(ONE_REVIEW_PER_AUTHOR) => {
+            Err(StoreError::Query { source: sqlx::Error::Database(e), .. })
+                if e.constraint() == Some(ONE_REVIEW_PER_AUTHOR) =>
+            {
                 return Err(WriteError::Conflict);
             }
             other => other?,
         };
         let review = review_from_row(&row)?;
-        self.append_event(&mut tx, &review, ReviewChange::Created)
-            .await?;
+        let event = self.append_event(&mut tx, &review, ReviewChange::Created).await?;
         self.commit(tx).await?;
-        Ok(review)
+        Ok(Committed { value: review, event: Some(event) })
     }
 
     /// Changes rating and/or text; only the author or a moderator.
@@ -86,7 +92,7 @@ impl Store {
         viewer: &Viewer,
         id: i64,
         patch: ReviewPatch,
-    ) -> Result<Review, WriteError> {
+    ) -> Result<Committed<Review>, WriteError> {
         let mut tx = self.begin().await?;
         let current = live_editable(viewer, self.lock(&mut tx, id).await?)?;
         let sql = format!(
@@ -105,10 +111,9 @@ impl Store {
             )
             .await?;
         let review = review_from_row(&row)?;
-        self.append_event(&mut tx, &review, ReviewChange::Updated)
-            .await?;
+        let event = self.append_event(&mut tx, &review, ReviewChange::Updated).await?;
         self.commit(tx).await?;
-        Ok(review)
+        Ok(Committed { value: review, event: Some(event) })
     }
 
     /// Soft-deletes a review; `Ok(false)` when the viewer's review was
@@ -116,10 +121,10 @@ impl Store {
     ///
     /// # Errors
     /// `NotFound`, `Forbidden`, or the store failing.
-    pub async fn delete_review(&self, viewer: &Viewer, id: i64) -> Result<bool, WriteError> {
+    pub async fn delete_review(&self, viewer: &Viewer, id: i64) -> Result<Committed<bool>, WriteError> {
         let mut tx = self.begin().await?;
         let current = match self.lock(&mut tx, id).await? {
-            Locked::Deleted(review) if viewer.can_edit(&review) => return Ok(false),
+            Locked::Deleted(review) if viewer.can_edit(&review) => return Ok(Committed { value: false, event: None }),
             locked => live_editable(viewer, locked)?,
         };
         let sql = format!(
@@ -127,17 +132,11 @@ impl Store {
                  version = version + 1 \
              WHERE id = $1 RETURNING {REVIEW_COLUMNS}"
         );
-        let row = self
-            .timed(
-                "delete_review",
-                sqlx::query(&sql).bind(current.id).fetch_one(&mut *tx),
-            )
-            .await?;
+        let row = self.timed("delete_review", sqlx::query(&sql).bind(current.id).fetch_one(&mut *tx)).await?;
         let review = review_from_row(&row)?;
-        self.append_event(&mut tx, &review, ReviewChange::Deleted)
-            .await?;
+        let event = self.append_event(&mut tx, &review, ReviewChange::Deleted).await?;
         self.commit(tx).await?;
-        Ok(true)
+        Ok(Committed { value: true, event: Some(event) })
     }
 
     /// Sets a review's status. The caller has checked the viewer is a
@@ -145,11 +144,7 @@ impl Store {
     ///
     /// # Errors
     /// `NotFound`, or the store failing.
-    pub async fn moderate_review(
-        &self,
-        id: i64,
-        status: ReviewStatus,
-    ) -> Result<Review, WriteError> {
+    pub async fn moderate_review(&self, id: i64, status: ReviewStatus) -> Result<Committed<Review>, WriteError> {
         let mut tx = self.begin().await?;
         let Locked::Live(current) = self.lock(&mut tx, id).await? else {
             return Err(WriteError::NotFound);
@@ -160,19 +155,12 @@ impl Store {
              WHERE id = $1 RETURNING {REVIEW_COLUMNS}"
         );
         let row = self
-            .timed(
-                "moderate_review",
-                sqlx::query(&sql)
-                    .bind(current.id)
-                    .bind(status.as_str())
-                    .fetch_one(&mut *tx),
-            )
+            .timed("moderate_review", sqlx::query(&sql).bind(current.id).bind(status.as_str()).fetch_one(&mut *tx))
             .await?;
         let review = review_from_row(&row)?;
-        self.append_event(&mut tx, &review, ReviewChange::Moderated)
-            .await?;
+        let event = self.append_event(&mut tx, &review, ReviewChange::Moderated).await?;
         self.commit(tx).await?;
-        Ok(review)
+        Ok(Committed { value: review, event: Some(event) })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -185,24 +173,16 @@ impl Store {
 
     /// Locks the row for the rest of the transaction.
     async fn lock(&self, conn: &mut PgConnection, id: i64) -> Result<Locked, StoreError> {
-        let sql = format!("SELECT {REVIEW_COLUMNS}, r.deleted_at IS NOT NULL AS deleted FROM reviews r WHERE r.id = $1 FOR UPDATE");
-        let row = self
-            .timed(
-                "lock_review",
-                sqlx::query(&sql).bind(id).fetch_optional(conn),
-            )
-            .await?;
+        let sql = format!(
+            "SELECT {REVIEW_COLUMNS}, r.deleted_at IS NOT NULL AS deleted FROM reviews r WHERE r.id = $1 FOR UPDATE"
+        );
+        let row = self.timed("lock_review", sqlx::query(&sql).bind(id).fetch_optional(conn)).await?;
         let Some(row) = row else {
             return Ok(Locked::Missing);
         };
-        let deleted: bool =
-            sqlx::Row::try_get(&row, "deleted").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let deleted: bool = sqlx::Row::try_get(&row, "deleted").map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let review = review_from_row(&row)?;
-        Ok(if deleted {
-            Locked::Deleted(review)
-        } else {
-            Locked::Live(review)
-        })
+        Ok(if deleted { Locked::Deleted(review) } else { Locked::Live(review) })
     }
 
     /// Appends the event for `review` to the outbox (same transaction).
@@ -211,7 +191,7 @@ impl Store {
         conn: &mut PgConnection,
         review: &Review,
         change: ReviewChange,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(i64, Event), StoreError> {
         let event = Event::ReviewChanged {
             review_id: review.id,
             offer_id: review.offer_id.clone(),
@@ -219,16 +199,8 @@ impl Store {
             change,
             version: review.version,
         };
-        let payload =
-            serde_json::to_value(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.timed(
-            "insert_outbox",
-            sqlx::query("INSERT INTO outbox (event) VALUES ($1)")
-                .bind(payload)
-                .execute(conn),
-        )
-        .await?;
-        Ok(())
+        let id = self.append(conn, &event).await?;
+        Ok((id, event))
     }
 }
 

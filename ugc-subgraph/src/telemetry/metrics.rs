@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+type Labels3 = [(&'static str, &'static str); 3];
 
 fn latency_histogram() -> Histogram {
     // 50 µs … ~1.6 s.
@@ -42,6 +43,47 @@ pub struct Metrics {
     pub http_rejections: Family<Labels, Counter>,
     /// Requests in flight.
     pub in_flight: Gauge,
+    /// Cache lookups by layer (l1, l2, db), kind and result (hit, miss, stale).
+    pub cache_requests: Family<Labels3, Counter>,
+    /// L1 weighted size in bytes, and entries (refreshed at each scrape).
+    pub l1_bytes: Gauge,
+    pub l1_entries: Gauge,
+    /// L1 entries evicted for size.
+    pub l1_evictions: Counter,
+    /// Redis calls that failed or timed out, by operation.
+    pub redis_errors: Family<Labels, Counter>,
+    /// Redis circuit breaker: 0 closed, 1 half-open, 2 open.
+    pub redis_breaker_state: Gauge,
+    /// Requests that waited for another request's load of the same key.
+    pub singleflight_waits: Counter,
+    /// Keys whose cross-instance lease was held by another instance.
+    pub lease_contention: Counter,
+    /// Stale entries served, by reason (revalidate, db_error).
+    pub stale_served: Family<Labels, Counter>,
+    /// Early (XFetch) and stale-while-revalidate background refreshes.
+    pub refreshes: Family<Labels, Counter>,
+    /// Keys that became hot.
+    pub hot_keys: Counter,
+    /// Cache values that failed to decode (treated as misses).
+    pub decode_errors: Counter,
+    /// Fills refused because an invalidation happened during the load, by layer.
+    pub fills_refused: Family<Labels, Counter>,
+    /// Keys preloaded into L1 at start-up.
+    pub warmup_keys: Counter,
+    /// Outbox events relayed (L2 invalidated + notified), by this instance.
+    pub events_relayed: Counter,
+    /// Invalidation notifications applied to this instance's L1.
+    pub events_applied: Counter,
+    /// Commit → L1 eviction on this instance, seconds.
+    pub invalidation_lag: Histogram,
+    /// Whole-L1 drops after a lost event stream.
+    pub l1_dropped: Counter,
+    /// Cache hits sampled and checked against Postgres.
+    pub stale_read_checks: Counter,
+    /// Sampled hits older than the committed row by more than the window.
+    pub stale_reads: Counter,
+    /// Events accepted on POST /events, by outcome (applied, duplicate).
+    pub external_events: Family<Labels, Counter>,
 }
 
 pub const STATEMENT: &str = "statement";
@@ -55,8 +97,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("ugc");
         let m = Self {
+            registry: Registry::with_prefix("ugc"),
             sql_statements: Family::default(),
             sql_seconds: Family::new_with_constructor(latency_histogram),
             sql_errors: Family::default(),
@@ -64,43 +106,82 @@ impl Metrics {
             graphql_seconds: Family::new_with_constructor(latency_histogram),
             http_rejections: Family::default(),
             in_flight: Gauge::default(),
-            registry: Registry::default(),
+            cache_requests: Family::default(),
+            l1_bytes: Gauge::default(),
+            l1_entries: Gauge::default(),
+            l1_evictions: Counter::default(),
+            redis_errors: Family::default(),
+            redis_breaker_state: Gauge::default(),
+            singleflight_waits: Counter::default(),
+            lease_contention: Counter::default(),
+            stale_served: Family::default(),
+            refreshes: Family::default(),
+            hot_keys: Counter::default(),
+            decode_errors: Counter::default(),
+            fills_refused: Family::default(),
+            warmup_keys: Counter::default(),
+            events_relayed: Counter::default(),
+            events_applied: Counter::default(),
+            // 100 µs … ~3.3 s.
+            invalidation_lag: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            l1_dropped: Counter::default(),
+            stale_read_checks: Counter::default(),
+            stale_reads: Counter::default(),
+            external_events: Family::default(),
         };
+        let mut registry = Registry::with_prefix("ugc");
+        registry.register("sql_statements", "SQL statements executed", m.sql_statements.clone());
+        registry.register("sql_statement_seconds", "SQL statement latency", m.sql_seconds.clone());
+        registry.register("sql_errors", "SQL statements that failed", m.sql_errors.clone());
+        registry.register("dataloader_batch_size", "Keys per DataLoader batch", m.loader_batch_size.clone());
+        registry.register("graphql_request_seconds", "GraphQL request latency", m.graphql_seconds.clone());
+        registry.register("http_rejections", "Requests rejected before execution", m.http_rejections.clone());
+        registry.register("requests_in_flight", "GraphQL requests being executed", m.in_flight.clone());
+        registry.register("cache_requests", "Cache lookups by layer, kind and result", m.cache_requests.clone());
+        registry.register("l1_bytes", "L1 cache weighted size in bytes", m.l1_bytes.clone());
+        registry.register("l1_entries", "L1 cache entries", m.l1_entries.clone());
+        registry.register("l1_evictions", "L1 entries evicted for size", m.l1_evictions.clone());
+        registry.register("redis_errors", "Redis calls failed or timed out", m.redis_errors.clone());
         registry.register(
-            "sql_statements",
-            "SQL statements executed",
-            m.sql_statements.clone(),
+            "redis_breaker_state",
+            "Redis circuit: 0 closed, 1 half-open, 2 open",
+            m.redis_breaker_state.clone(),
         );
         registry.register(
-            "sql_statement_seconds",
-            "SQL statement latency",
-            m.sql_seconds.clone(),
+            "singleflight_waits",
+            "Requests that waited for another load of the same key",
+            m.singleflight_waits.clone(),
         );
         registry.register(
-            "sql_errors",
-            "SQL statements that failed",
-            m.sql_errors.clone(),
+            "lease_contention",
+            "Keys whose cross-instance load lease was taken",
+            m.lease_contention.clone(),
         );
+        registry.register("stale_served", "Stale cache entries served", m.stale_served.clone());
+        registry.register("cache_refreshes", "Background cache refreshes by trigger", m.refreshes.clone());
+        registry.register("hot_keys", "Keys that became hot", m.hot_keys.clone());
+        registry.register("cache_decode_errors", "Cache values that failed to decode", m.decode_errors.clone());
         registry.register(
-            "dataloader_batch_size",
-            "Keys per DataLoader batch",
-            m.loader_batch_size.clone(),
+            "cache_fills_refused",
+            "Fills refused after a concurrent invalidation",
+            m.fills_refused.clone(),
         );
+        registry.register("cache_warmup_keys", "Keys preloaded into L1 at start-up", m.warmup_keys.clone());
+        registry.register("events_relayed", "Outbox events relayed by this instance", m.events_relayed.clone());
+        registry.register("events_applied", "Invalidations applied to this instance's L1", m.events_applied.clone());
         registry.register(
-            "graphql_request_seconds",
-            "GraphQL request latency",
-            m.graphql_seconds.clone(),
+            "invalidation_lag_seconds",
+            "Commit to L1 eviction on this instance",
+            m.invalidation_lag.clone(),
         );
+        registry.register("l1_dropped", "Whole-L1 drops after a lost event stream", m.l1_dropped.clone());
+        registry.register("stale_read_checks", "Cache hits sampled against Postgres", m.stale_read_checks.clone());
         registry.register(
-            "http_rejections",
-            "Requests rejected before execution",
-            m.http_rejections.clone(),
+            "stale_reads_detected",
+            "Sampled hits stale beyond the invalidation window",
+            m.stale_reads.clone(),
         );
-        registry.register(
-            "requests_in_flight",
-            "GraphQL requests being executed",
-            m.in_flight.clone(),
-        );
+        registry.register("external_events", "Events received on POST /events", m.external_events.clone());
         Self { registry, ..m }
     }
 
@@ -108,12 +189,15 @@ impl Metrics {
     pub fn sql(&self, statement: &'static str, elapsed: Duration, ok: bool) {
         let labels = [(STATEMENT, statement)];
         self.sql_statements.get_or_create(&labels).inc();
-        self.sql_seconds
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        self.sql_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         if !ok {
             self.sql_errors.get_or_create(&labels).inc();
         }
+    }
+
+    /// Counts one cache lookup outcome.
+    pub fn cache(&self, layer: &'static str, kind: &'static str, result: &'static str) {
+        self.cache_requests.get_or_create(&[("layer", layer), ("kind", kind), ("result", result)]).inc();
     }
 
     /// Total SQL statements executed so far, all statements together.
@@ -146,14 +230,8 @@ mod tests {
         m.sql("reviews_by_id", Duration::from_micros(300), false);
         m.sql("offer_ratings", Duration::from_micros(100), true);
         let text = m.render();
-        assert!(
-            text.contains(r#"ugc_sql_statements_total{statement="reviews_by_id"} 2"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"ugc_sql_errors_total{statement="reviews_by_id"} 1"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"ugc_sql_statements_total{statement="reviews_by_id"} 2"#), "{text}");
+        assert!(text.contains(r#"ugc_sql_errors_total{statement="reviews_by_id"} 1"#), "{text}");
         assert_eq!(m.sql_total(), 3);
     }
 }

@@ -11,41 +11,29 @@ const PAGE: &str = "query($first: Int, $after: String) { offer(id: \"offer-x\") 
 
 /// Everything a bad request could have changed.
 async fn fingerprint(app: &TestApp) -> (String, i64, String) {
-    let reviews: String = sqlx::query_scalar(
-        "SELECT coalesce(md5(string_agg(r::text, ',' ORDER BY id)), '') FROM reviews r",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    let aggregates: String = sqlx::query_scalar(
-        "SELECT coalesce(md5(string_agg(o::text, ',' ORDER BY offer_id)), '') FROM offer_ratings o",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    (
-        reviews,
-        app.count("SELECT count(*) FROM outbox").await,
-        aggregates,
-    )
+    let reviews: String =
+        sqlx::query_scalar("SELECT coalesce(md5(string_agg(r::text, ',' ORDER BY id)), '') FROM reviews r")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let aggregates: String =
+        sqlx::query_scalar("SELECT coalesce(md5(string_agg(o::text, ',' ORDER BY offer_id)), '') FROM offer_ratings o")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    (reviews, app.count("SELECT count(*) FROM outbox").await, aggregates)
 }
 
 #[tokio::test]
 async fn bad_graphql_inputs_get_a_clear_error_and_change_nothing() {
     let app = TestApp::start().await;
-    let existing =
-        create(&app, "alice", "offer-x", 4, "original").await["data"]["createReview"]["id"].clone();
+    let existing = create(&app, "alice", "offer-x", 4, "original").await["data"]["createReview"]["id"].clone();
     let before = fingerprint(&app).await;
 
     let alice = token("alice", &[]);
     let bob = token("bob", &[]);
     let expired = token_with("alice", &[], -3600, crate::support::SECRET);
-    let forged = token_with(
-        "alice",
-        &["moderator"],
-        3600,
-        "not-the-secret-at-all-000000",
-    );
+    let forged = token_with("alice", &["moderator"], 3600, "not-the-secret-at-all-000000");
     let new = |rating: Value, text: Value| json!({ "input": { "offerId": "offer-y", "rating": rating, "text": text } });
     let long_text = "x".repeat(5001);
 
@@ -87,17 +75,12 @@ async fn bad_graphql_inputs_get_a_clear_error_and_change_nothing() {
         let body = app.gql_as(bearer, query, variables).await;
         assert_eq!(error_code(&body), Some(expected), "{name}: {body}");
         let message = body["errors"][0]["message"].as_str().unwrap_or("");
-        assert!(
-            !message.is_empty() && !message.contains("sqlx") && !message.contains("SELECT"),
-            "{name}: {message}"
-        );
+        assert!(!message.is_empty() && !message.contains("sqlx") && !message.contains("SELECT"), "{name}: {message}");
         assert_eq!(fingerprint(&app).await, before, "{name} changed something");
     }
 
     // An unknown but well-formed id is simply not there.
-    let body = app
-        .gql("{ review(id: \"987654321\") { id } }", json!({}))
-        .await;
+    let body = app.gql("{ review(id: \"987654321\") { id } }", json!({})).await;
     assert_eq!(body, json!({ "data": { "review": null } }));
 }
 
@@ -108,36 +91,16 @@ async fn malformed_bodies_are_rejected_before_graphql_and_change_nothing() {
     let before = fingerprint(&app).await;
     let url = app.url("/graphql");
     let bodies: Vec<(&str, Vec<u8>, &str, u16)> = vec![
-        (
-            "truncated JSON",
-            b"{\"query\": \"{ offer(id".to_vec(),
-            "application/json",
-            400,
-        ),
-        (
-            "not JSON",
-            b"query { offer }".to_vec(),
-            "application/json",
-            400,
-        ),
-        (
-            "JSON without query",
-            b"{\"variables\": {}}".to_vec(),
-            "application/json",
-            400,
-        ),
+        ("truncated JSON", b"{\"query\": \"{ offer(id".to_vec(), "application/json", 400),
+        ("not JSON", b"query { offer }".to_vec(), "application/json", 400),
+        ("JSON without query", b"{\"variables\": {}}".to_vec(), "application/json", 400),
         (
             "invalid UTF-8",
             b"{\"query\": \"{ review(id: \\\"\xff\xfe\\\") { id } }\"}".to_vec(),
             "application/json",
             400,
         ),
-        (
-            "wrong content type",
-            b"{\"query\": \"{ __typename }\"}".to_vec(),
-            "text/plain",
-            415,
-        ),
+        ("wrong content type", b"{\"query\": \"{ __typename }\"}".to_vec(), "text/plain", 415),
         (
             "huge body",
             format!("{{\"query\": \"{}\"}}", "x".repeat(2 * 1024 * 1024)).into_bytes(),
@@ -146,33 +109,12 @@ async fn malformed_bodies_are_rejected_before_graphql_and_change_nothing() {
         ),
     ];
     for (name, body, content_type, status) in bodies {
-        let resp = app
-            .client()
-            .post(&url)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let resp = app.client().post(&url).header("content-type", content_type).body(body).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{name}");
-        assert!(
-            resp.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("application/json"),
-            "{name}"
-        );
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/json"), "{name}");
         let json: Value = resp.json().await.unwrap();
-        assert!(
-            json["errors"][0]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{name}: {json}"
-        );
-        assert!(
-            json["errors"][0]["extensions"]["code"].is_string(),
-            "{name}: {json}"
-        );
+        assert!(json["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {json}");
+        assert!(json["errors"][0]["extensions"]["code"].is_string(), "{name}: {json}");
     }
     assert_eq!(fingerprint(&app).await, before);
 }
@@ -190,17 +132,8 @@ async fn sql_looking_and_non_ascii_text_is_stored_and_returned_verbatim() {
         let body = create(&app, &format!("user-{i}"), "offer-x", 3, text).await;
         assert_eq!(body["data"]["createReview"]["text"], *text, "{body}");
         let id = body["data"]["createReview"]["id"].clone();
-        let read = app
-            .gql(
-                "query($id: ID!) { review(id: $id) { text } }",
-                json!({ "id": id }),
-            )
-            .await;
+        let read = app.gql("query($id: ID!) { review(id: $id) { text } }", json!({ "id": id })).await;
         assert_eq!(read["data"]["review"]["text"], *text);
     }
-    assert_eq!(
-        app.count("SELECT count(*) FROM reviews").await,
-        texts.len() as i64,
-        "the table is intact"
-    );
+    assert_eq!(app.count("SELECT count(*) FROM reviews").await, texts.len() as i64, "the table is intact");
 }

@@ -12,18 +12,11 @@ use crate::mutations::create;
 use crate::support::{error_code, eventually, token, TestApp};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn node(script: &str, env: &[(&str, String)]) -> Child {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("gateway");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("gateway");
     Command::new("node")
         .arg(dir.join(script))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -48,44 +41,26 @@ impl Gateway {
         let offers_url = format!("http://127.0.0.1:{offers_port}/graphql");
         let probe = json!({ "query": "{ __typename }" });
         assert!(
-            eventually(Duration::from_secs(30), async || client
-                .post(&offers_url)
-                .json(&probe)
-                .send()
-                .await
-                .is_ok())
-            .await,
+            eventually(Duration::from_secs(30), async || client.post(&offers_url).json(&probe).send().await.is_ok())
+                .await,
             "offers subgraph did not start"
         );
         let gateway = node(
             "gateway.mjs",
-            &[
-                ("GATEWAY_PORT", gateway_port.to_string()),
-                ("OFFERS_URL", offers_url),
-                ("UGC_URL", app.url("/graphql")),
-            ],
+            &[("GATEWAY_PORT", gateway_port.to_string()), ("OFFERS_URL", offers_url), ("UGC_URL", app.url("/graphql"))],
         );
         let url = format!("http://127.0.0.1:{gateway_port}/");
-        let started = eventually(Duration::from_secs(60), async || {
-            match client.post(&url).json(&probe).send().await {
-                Ok(r) => r.status().is_success(),
-                Err(_) => false,
-            }
+        let started = eventually(Duration::from_secs(60), async || match client.post(&url).json(&probe).send().await {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
         })
         .await;
         assert!(started, "gateway did not start");
-        Self {
-            url,
-            client,
-            _processes: (offers, gateway),
-        }
+        Self { url, client, _processes: (offers, gateway) }
     }
 
     async fn query(&self, bearer: Option<&str>, query: &str, variables: Value) -> Value {
-        let mut req = self
-            .client
-            .post(&self.url)
-            .json(&json!({ "query": query, "variables": variables }));
+        let mut req = self.client.post(&self.url).json(&json!({ "query": query, "variables": variables }));
         if let Some(t) = bearer {
             req = req.bearer_auth(t);
         }
@@ -120,67 +95,38 @@ async fn federated_queries_and_mutations_through_the_gateway() {
                 json!({ "id": id }),
             )
             .await;
-        assert_eq!(
-            offer["rating"], direct["data"]["offer"]["rating"],
-            "same answer through the gateway"
-        );
-        assert_eq!(
-            offer["reviews"]["totalCount"],
-            direct["data"]["offer"]["reviews"]["totalCount"]
-        );
+        assert_eq!(offer["rating"], direct["data"]["offer"]["rating"], "same answer through the gateway");
+        assert_eq!(offer["reviews"]["totalCount"], direct["data"]["offer"]["reviews"]["totalCount"]);
         let edges = offer["reviews"]["edges"].as_array().unwrap();
         assert_eq!(edges.len(), 2);
-        for (edge, direct_edge) in edges.iter().zip(
-            direct["data"]["offer"]["reviews"]["edges"]
-                .as_array()
-                .unwrap(),
-        ) {
+        for (edge, direct_edge) in edges.iter().zip(direct["data"]["offer"]["reviews"]["edges"].as_array().unwrap()) {
             assert_eq!(edge["node"]["id"], direct_edge["node"]["id"]);
             let author = edge["node"]["author"]["id"].as_str().unwrap();
-            assert_eq!(
-                edge["node"]["author"]["name"],
-                format!("Name of {author}"),
-                "User joined from offers"
-            );
+            assert_eq!(edge["node"]["author"]["name"], format!("Name of {author}"), "User joined from offers");
             assert_eq!(edge["node"]["offer"]["title"], format!("Title of {id}"));
         }
     }
 
     // A mutation through the gateway: the Authorization header is forwarded.
     let create_via_gateway = "mutation($input: CreateReviewInput!) { createReview(input: $input) { id rating author { id name } offer { id title } } }";
-    let input =
-        json!({ "input": { "offerId": "offer-000003", "rating": 5, "text": "via the gateway" } });
+    let input = json!({ "input": { "offerId": "offer-000003", "rating": 5, "text": "via the gateway" } });
     let anonymous = gateway.query(None, create_via_gateway, input.clone()).await;
-    assert_eq!(
-        error_code(&anonymous),
-        Some("UNAUTHENTICATED"),
-        "{anonymous}"
-    );
-    let created = gateway
-        .query(Some(&token("gw-user", &[])), create_via_gateway, input)
-        .await;
+    assert_eq!(error_code(&anonymous), Some("UNAUTHENTICATED"), "{anonymous}");
+    let created = gateway.query(Some(&token("gw-user", &[])), create_via_gateway, input).await;
     assert!(created["errors"].is_null(), "{created}");
-    assert_eq!(
-        created["data"]["createReview"]["author"],
-        json!({ "id": "gw-user", "name": "Name of gw-user" })
-    );
-    assert_eq!(
-        created["data"]["createReview"]["offer"]["title"],
-        "Title of offer-000003"
-    );
+    assert_eq!(created["data"]["createReview"]["author"], json!({ "id": "gw-user", "name": "Name of gw-user" }));
+    assert_eq!(created["data"]["createReview"]["offer"]["title"], "Title of offer-000003");
 
     let after = gateway
-        .query(None, "{ offers(first: 3) { id rating { count } reviews(first: 1) { edges { node { author { id } } } } } }", json!({}))
+        .query(
+            None,
+            "{ offers(first: 3) { id rating { count } reviews(first: 1) { edges { node { author { id } } } } } }",
+            json!({}),
+        )
         .await;
     let third = &after["data"]["offers"][2];
-    assert_eq!(
-        third["rating"]["count"].as_i64().unwrap(),
-        offers[2]["rating"]["count"].as_i64().unwrap() + 1
-    );
-    assert_eq!(
-        third["reviews"]["edges"][0]["node"]["author"]["id"], "gw-user",
-        "newest first"
-    );
+    assert_eq!(third["rating"]["count"].as_i64().unwrap(), offers[2]["rating"]["count"].as_i64().unwrap() + 1);
+    assert_eq!(third["reviews"]["edges"][0]["node"]["author"]["id"], "gw-user", "newest first");
     // The same through the subgraph directly, for good measure.
     let again = create(&app, "gw-user", "offer-000003", 1, "twice").await;
     assert_eq!(error_code(&again), Some("CONFLICT"));

@@ -15,12 +15,7 @@ async fn responses_follow_the_graphql_over_http_content_negotiation() {
     assert_eq!(resp.headers()["content-type"], "application/json");
 
     for (accept, body, status, content_type) in [
-        (
-            "application/graphql-response+json",
-            &ok,
-            200,
-            "application/graphql-response+json",
-        ),
+        ("application/graphql-response+json", &ok, 200, "application/graphql-response+json"),
         (
             "application/graphql-response+json, application/json;q=0.9",
             &invalid,
@@ -29,14 +24,7 @@ async fn responses_follow_the_graphql_over_http_content_negotiation() {
         ),
         ("application/json", &invalid, 200, "application/json"),
     ] {
-        let resp = app
-            .client()
-            .post(&url)
-            .header("accept", accept)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+        let resp = app.client().post(&url).header("accept", accept).json(body).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{accept} {body}");
         assert_eq!(resp.headers()["content-type"], content_type);
     }
@@ -47,44 +35,17 @@ async fn graphiql_health_and_metrics_are_served() {
     let app = TestApp::start().await;
     let page = app.client().get(app.url("/graphql")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page
-        .text()
-        .await
-        .unwrap()
-        .to_lowercase()
-        .contains("graphiql"));
+    assert!(page.text().await.unwrap().to_lowercase().contains("graphiql"));
 
-    let live: Value = app
-        .client()
-        .get(app.url("/health/live"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let live: Value = app.client().get(app.url("/health/live")).send().await.unwrap().json().await.unwrap();
     assert_eq!(live["status"], "alive");
-    let ready = app
-        .client()
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.client().get(app.url("/health/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["postgres"], "ok");
 
-    app.gql("{ offer(id: \"x\") { rating { count } } }", json!({}))
-        .await;
-    let metrics = app
-        .client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    app.gql("{ offer(id: \"x\") { rating { count } } }", json!({})).await;
+    let metrics = app.client().get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     for name in [
         "ugc_sql_statements_total",
         "ugc_sql_statement_seconds",
@@ -99,33 +60,18 @@ async fn graphiql_health_and_metrics_are_served() {
 async fn readiness_fails_while_postgres_is_unreachable() {
     // A database URL nothing listens on: the service still starts and answers.
     let config = ugc_subgraph::config::Config::from_vars([
-        (
-            "DATABASE_URL".to_string(),
-            "postgres://postgres@127.0.0.1:1/none".to_string(),
-        ),
+        ("DATABASE_URL".to_string(), "postgres://postgres@127.0.0.1:1/none".to_string()),
         ("UGC_DB_ACQUIRE_TIMEOUT_MS".to_string(), "300".to_string()),
     ])
     .unwrap();
     let state = ugc_subgraph::state::AppState::build(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(ugc_subgraph::server::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
+    tokio::spawn(ugc_subgraph::server::serve(listener, state, std::future::pending()));
     let client = reqwest::Client::new();
-    let ready = client
-        .get(format!("http://{addr}/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = client.get(format!("http://{addr}/health/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
-    let live = client
-        .get(format!("http://{addr}/health/live"))
-        .send()
-        .await
-        .unwrap();
+    let live = client.get(format!("http://{addr}/health/live")).send().await.unwrap();
     assert_eq!(live.status(), 200);
     let body: Value = client
         .post(format!("http://{addr}/graphql"))
@@ -136,12 +82,6 @@ async fn readiness_fails_while_postgres_is_unreachable() {
         .json()
         .await
         .unwrap();
-    assert_eq!(
-        body["errors"][0]["extensions"]["code"], "SERVICE_UNAVAILABLE",
-        "{body}"
-    );
-    assert!(
-        !body.to_string().contains("127.0.0.1:1"),
-        "no internals leak: {body}"
-    );
+    assert_eq!(body["errors"][0]["extensions"]["code"], "SERVICE_UNAVAILABLE", "{body}");
+    assert!(!body.to_string().contains("127.0.0.1:1"), "no internals leak: {body}");
 }

@@ -12,16 +12,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_ugc-subgraph");
 
 #[tokio::test]
 async fn a_bad_setting_names_the_variable_and_exits_non_zero() {
-    for (name, value) in [
-        ("UGC_DB_POOL_SIZE", "lots"),
-        ("UGC_LISTEN", "localhost"),
-        ("UGC_TYPO", "1"),
-    ] {
+    for (name, value) in [("UGC_DB_POOL_SIZE", "lots"), ("UGC_LISTEN", "localhost"), ("UGC_TYPO", "1")] {
         let out = Command::new(BIN)
-            .env(
-                "DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/postgres",
-            )
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
             .env(name, value)
             .output()
             .await
@@ -30,11 +23,7 @@ async fn a_bad_setting_names_the_variable_and_exits_non_zero() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(name), "{name}: {stderr}");
     }
-    let out = Command::new(BIN)
-        .env_remove("DATABASE_URL")
-        .output()
-        .await
-        .unwrap();
+    let out = Command::new(BIN).env_remove("DATABASE_URL").output().await.unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
@@ -42,11 +31,7 @@ async fn a_bad_setting_names_the_variable_and_exits_non_zero() {
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits() {
     let (_, db_url) = fresh_database().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new(BIN)
         .arg("serve")
         .env("DATABASE_URL", &db_url)
@@ -84,43 +69,27 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
                 .unwrap()
         }
     };
-    let created = gql(
-        "mutation { createReview(input: { offerId: \"o\", rating: 3, text: \"before\" }) { id } }",
-        json!({}),
-    )
-    .await;
+    let created =
+        gql("mutation { createReview(input: { offerId: \"o\", rating: 3, text: \"before\" }) { id } }", json!({}))
+            .await;
     let id = created["data"]["createReview"]["id"].clone();
 
     // Hold the row lock so the next update is still in flight at SIGTERM.
     let db = sqlx::PgPool::connect(&db_url).await.unwrap();
     let mut blocker = db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM reviews FOR UPDATE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    sqlx::query("SELECT 1 FROM reviews FOR UPDATE").execute(&mut *blocker).await.unwrap();
     let in_flight = tokio::spawn(gql(
         "mutation($id: ID!) { updateReview(id: $id, input: { text: \"during shutdown\" }) { text } }",
         json!({ "id": id }),
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     blocker.rollback().await.unwrap();
 
     let answer = in_flight.await.unwrap();
-    assert_eq!(
-        answer["data"]["updateReview"]["text"], "during shutdown",
-        "{answer}"
-    );
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
+    assert_eq!(answer["data"]["updateReview"]["text"], "during shutdown", "{answer}");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
     assert!(status.success(), "{status}");
 }

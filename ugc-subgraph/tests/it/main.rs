@@ -2,6 +2,7 @@
 //! Files are named by the behaviour they check.
 
 mod bad_input;
+mod cache;
 mod gateway;
 mod http_surface;
 mod lifecycle;

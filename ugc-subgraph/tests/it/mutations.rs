@@ -9,17 +9,14 @@ pub const CREATE: &str = "mutation($input: CreateReviewInput!) {
 }";
 const UPDATE: &str = "mutation($id: ID!, $input: UpdateReviewInput!) { updateReview(id: $id, input: $input) { id rating text updatedAt } }";
 const DELETE: &str = "mutation($id: ID!) { deleteReview(id: $id) }";
-const MODERATE: &str = "mutation($id: ID!, $status: ReviewStatus!) { moderateReview(id: $id, status: $status) { id status } }";
+const MODERATE: &str =
+    "mutation($id: ID!, $status: ReviewStatus!) { moderateReview(id: $id, status: $status) { id status } }";
 const OFFER: &str = "query($id: ID!) { offer(id: $id) { rating { count average distribution } reviews(first: 10) { totalCount edges { node { id text rating } } } } }";
 const REVIEW: &str = "query($id: ID!) { review(id: $id) { id status text } }";
 
 pub async fn create(app: &TestApp, who: &str, offer: &str, rating: i64, text: &str) -> Value {
-    app.gql_as(
-        Some(&token(who, &[])),
-        CREATE,
-        json!({ "input": { "offerId": offer, "rating": rating, "text": text } }),
-    )
-    .await
+    app.gql_as(Some(&token(who, &[])), CREATE, json!({ "input": { "offerId": offer, "rating": rating, "text": text } }))
+        .await
 }
 
 #[tokio::test]
@@ -38,19 +35,10 @@ async fn a_created_review_is_visible_in_the_very_next_read() {
         offer["data"]["offer"]["rating"],
         json!({ "count": 1, "average": 4.0, "distribution": [0, 0, 0, 1, 0] })
     );
-    assert_eq!(
-        offer["data"]["offer"]["reviews"]["edges"][0]["node"]["id"],
-        review["id"]
-    );
-    let user = app
-        .gql("{ user(id: \"alice\") { reviewCount } }", json!({}))
-        .await;
+    assert_eq!(offer["data"]["offer"]["reviews"]["edges"][0]["node"]["id"], review["id"]);
+    let user = app.gql("{ user(id: \"alice\") { reviewCount } }", json!({})).await;
     assert_eq!(user["data"]["user"]["reviewCount"], 1);
-    assert_eq!(
-        app.count("SELECT count(*) FROM outbox").await,
-        1,
-        "the event is in the outbox"
-    );
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1, "the event is in the outbox");
 }
 
 #[tokio::test]
@@ -60,184 +48,78 @@ async fn one_review_per_user_and_offer() {
     let second = create(&app, "alice", "offer-x", 2, "second").await;
     assert_eq!(error_code(&second), Some("CONFLICT"), "{second}");
     assert_eq!(app.count("SELECT count(*) FROM reviews").await, 1);
-    assert_eq!(
-        app.count("SELECT count(*) FROM outbox").await,
-        1,
-        "no event for a failed write"
-    );
-    assert_eq!(
-        error_code(&create(&app, "bob", "offer-x", 2, "other author").await),
-        None
-    );
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1, "no event for a failed write");
+    assert_eq!(error_code(&create(&app, "bob", "offer-x", 2, "other author").await), None);
 }
 
 #[tokio::test]
 async fn only_the_author_or_a_moderator_may_update_or_delete() {
     let app = TestApp::start().await;
-    let id =
-        create(&app, "alice", "offer-x", 4, "mine").await["data"]["createReview"]["id"].clone();
+    let id = create(&app, "alice", "offer-x", 4, "mine").await["data"]["createReview"]["id"].clone();
 
-    let bob = app
-        .gql_as(
-            Some(&token("bob", &[])),
-            UPDATE,
-            json!({ "id": id, "input": { "rating": 1 } }),
-        )
-        .await;
+    let bob = app.gql_as(Some(&token("bob", &[])), UPDATE, json!({ "id": id, "input": { "rating": 1 } })).await;
     assert_eq!(error_code(&bob), Some("FORBIDDEN"), "{bob}");
-    let bob = app
-        .gql_as(Some(&token("bob", &[])), DELETE, json!({ "id": id }))
-        .await;
+    let bob = app.gql_as(Some(&token("bob", &[])), DELETE, json!({ "id": id })).await;
     assert_eq!(error_code(&bob), Some("FORBIDDEN"), "{bob}");
 
-    let alice = app
-        .gql_as(
-            Some(&token("alice", &[])),
-            UPDATE,
-            json!({ "id": id, "input": { "text": "edited" } }),
-        )
-        .await;
+    let alice =
+        app.gql_as(Some(&token("alice", &[])), UPDATE, json!({ "id": id, "input": { "text": "edited" } })).await;
     assert_eq!(alice["data"]["updateReview"]["text"], "edited", "{alice}");
-    assert_eq!(
-        alice["data"]["updateReview"]["rating"], 4,
-        "untouched field kept"
-    );
-    let moderator = app
-        .gql_as(
-            Some(&token("mod", &["moderator"])),
-            UPDATE,
-            json!({ "id": id, "input": { "rating": 2 } }),
-        )
-        .await;
-    assert_eq!(
-        moderator["data"]["updateReview"]["rating"], 2,
-        "{moderator}"
-    );
+    assert_eq!(alice["data"]["updateReview"]["rating"], 4, "untouched field kept");
+    let moderator =
+        app.gql_as(Some(&token("mod", &["moderator"])), UPDATE, json!({ "id": id, "input": { "rating": 2 } })).await;
+    assert_eq!(moderator["data"]["updateReview"]["rating"], 2, "{moderator}");
 
     let offer = app.gql(OFFER, json!({ "id": "offer-x" })).await;
-    assert_eq!(
-        offer["data"]["offer"]["rating"]["distribution"],
-        json!([0, 1, 0, 0, 0]),
-        "aggregate follows the edit"
-    );
-    assert_eq!(
-        offer["data"]["offer"]["reviews"]["edges"][0]["node"]["text"],
-        "edited"
-    );
+    assert_eq!(offer["data"]["offer"]["rating"]["distribution"], json!([0, 1, 0, 0, 0]), "aggregate follows the edit");
+    assert_eq!(offer["data"]["offer"]["reviews"]["edges"][0]["node"]["text"], "edited");
 
-    let deleted = app
-        .gql_as(Some(&token("alice", &[])), DELETE, json!({ "id": id }))
-        .await;
+    let deleted = app.gql_as(Some(&token("alice", &[])), DELETE, json!({ "id": id })).await;
     assert_eq!(deleted["data"]["deleteReview"], true);
-    let again = app
-        .gql_as(Some(&token("alice", &[])), DELETE, json!({ "id": id }))
-        .await;
-    assert_eq!(
-        again["data"]["deleteReview"], false,
-        "already deleted: {again}"
-    );
+    let again = app.gql_as(Some(&token("alice", &[])), DELETE, json!({ "id": id })).await;
+    assert_eq!(again["data"]["deleteReview"], false, "already deleted: {again}");
 
     let offer = app.gql(OFFER, json!({ "id": "offer-x" })).await;
     assert_eq!(offer["data"]["offer"]["rating"]["count"], 0);
     assert_eq!(offer["data"]["offer"]["reviews"]["totalCount"], 0);
-    let by_id = app
-        .gql_as(Some(&token("alice", &[])), REVIEW, json!({ "id": id }))
-        .await;
-    assert_eq!(
-        by_id["data"]["review"],
-        Value::Null,
-        "deleted reviews vanish, even for the author"
-    );
-    assert_eq!(
-        app.count("SELECT count(*) FROM reviews WHERE deleted_at IS NOT NULL")
-            .await,
-        1,
-        "soft delete"
-    );
+    let by_id = app.gql_as(Some(&token("alice", &[])), REVIEW, json!({ "id": id })).await;
+    assert_eq!(by_id["data"]["review"], Value::Null, "deleted reviews vanish, even for the author");
+    assert_eq!(app.count("SELECT count(*) FROM reviews WHERE deleted_at IS NOT NULL").await, 1, "soft delete");
     // Deleting frees the (offer, author) slot for a new review.
-    assert_eq!(
-        error_code(&create(&app, "alice", "offer-x", 5, "again").await),
-        None
-    );
+    assert_eq!(error_code(&create(&app, "alice", "offer-x", 5, "again").await), None);
 }
 
 #[tokio::test]
 async fn moderation_hides_and_restores_reviews() {
     let app = TestApp::start().await;
-    let id =
-        create(&app, "alice", "offer-x", 5, "great").await["data"]["createReview"]["id"].clone();
-    let not_mod = app
-        .gql_as(
-            Some(&token("alice", &[])),
-            MODERATE,
-            json!({ "id": id, "status": "REJECTED" }),
-        )
-        .await;
+    let id = create(&app, "alice", "offer-x", 5, "great").await["data"]["createReview"]["id"].clone();
+    let not_mod = app.gql_as(Some(&token("alice", &[])), MODERATE, json!({ "id": id, "status": "REJECTED" })).await;
     assert_eq!(error_code(&not_mod), Some("FORBIDDEN"));
-    let anonymous = app
-        .gql(MODERATE, json!({ "id": id, "status": "REJECTED" }))
-        .await;
+    let anonymous = app.gql(MODERATE, json!({ "id": id, "status": "REJECTED" })).await;
     assert_eq!(error_code(&anonymous), Some("UNAUTHENTICATED"));
 
-    let m = app
-        .gql_as(
-            Some(&token("mod", &["moderator"])),
-            MODERATE,
-            json!({ "id": id, "status": "PENDING" }),
-        )
-        .await;
+    let m = app.gql_as(Some(&token("mod", &["moderator"])), MODERATE, json!({ "id": id, "status": "PENDING" })).await;
     assert_eq!(m["data"]["moderateReview"]["status"], "PENDING", "{m}");
     let offer = app.gql(OFFER, json!({ "id": "offer-x" })).await;
-    assert_eq!(
-        offer["data"]["offer"]["rating"]["count"], 0,
-        "pending reviews are not aggregated"
-    );
+    assert_eq!(offer["data"]["offer"]["rating"]["count"], 0, "pending reviews are not aggregated");
     assert_eq!(offer["data"]["offer"]["reviews"]["edges"], json!([]));
 
     // A pending review: visible to its author and moderators only.
-    assert_eq!(
-        app.gql(REVIEW, json!({ "id": id })).await["data"]["review"],
-        Value::Null
-    );
-    let bob = app
-        .gql_as(Some(&token("bob", &[])), REVIEW, json!({ "id": id }))
-        .await;
+    assert_eq!(app.gql(REVIEW, json!({ "id": id })).await["data"]["review"], Value::Null);
+    let bob = app.gql_as(Some(&token("bob", &[])), REVIEW, json!({ "id": id })).await;
     assert_eq!(bob["data"]["review"], Value::Null);
-    let alice = app
-        .gql_as(Some(&token("alice", &[])), REVIEW, json!({ "id": id }))
-        .await;
+    let alice = app.gql_as(Some(&token("alice", &[])), REVIEW, json!({ "id": id })).await;
     assert_eq!(alice["data"]["review"]["status"], "PENDING");
-    let moderator = app
-        .gql_as(
-            Some(&token("mod", &["moderator"])),
-            REVIEW,
-            json!({ "id": id }),
-        )
-        .await;
+    let moderator = app.gql_as(Some(&token("mod", &["moderator"])), REVIEW, json!({ "id": id })).await;
     assert_eq!(moderator["data"]["review"]["status"], "PENDING");
     // Bob cannot learn it exists by trying to edit it.
-    let bob = app
-        .gql_as(
-            Some(&token("bob", &[])),
-            UPDATE,
-            json!({ "id": id, "input": { "rating": 1 } }),
-        )
-        .await;
+    let bob = app.gql_as(Some(&token("bob", &[])), UPDATE, json!({ "id": id, "input": { "rating": 1 } })).await;
     assert_eq!(error_code(&bob), Some("NOT_FOUND"));
 
-    app.gql_as(
-        Some(&token("mod", &["moderator"])),
-        MODERATE,
-        json!({ "id": id, "status": "PUBLISHED" }),
-    )
-    .await;
+    app.gql_as(Some(&token("mod", &["moderator"])), MODERATE, json!({ "id": id, "status": "PUBLISHED" })).await;
     let offer = app.gql(OFFER, json!({ "id": "offer-x" })).await;
     assert_eq!(offer["data"]["offer"]["rating"]["count"], 1);
-    assert_eq!(
-        app.count("SELECT count(*) FROM outbox").await,
-        3,
-        "create + 2 moderations"
-    );
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 3, "create + 2 moderations");
 }
 
 #[tokio::test]
@@ -255,16 +137,7 @@ async fn concurrent_writers_keep_aggregates_exact() {
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let app = &app;
-            async move {
-                create(
-                    app,
-                    &format!("user-{i}"),
-                    "offer-hot",
-                    (i % 5) + 1,
-                    "concurrent",
-                )
-                .await
-            }
+            async move { create(app, &format!("user-{i}"), "offer-hot", (i % 5) + 1, "concurrent").await }
         })
         .collect();
     let results = futures::future::join_all(tasks).await;

@@ -21,12 +21,7 @@ async fn walk(app: &TestApp, offer: &str, order: &str, first: i64) -> Vec<Value>
     let mut after: Option<String> = None;
     let mut nodes = Vec::new();
     for _ in 0..1000 {
-        let body = app
-            .gql(
-                OFFER_PAGE,
-                json!({ "id": offer, "first": first, "after": after, "order": order }),
-            )
-            .await;
+        let body = app.gql(OFFER_PAGE, json!({ "id": offer, "first": first, "after": after, "order": order })).await;
         let conn = &body["data"]["offer"]["reviews"];
         let edges = conn["edges"].as_array().unwrap_or_else(|| panic!("{body}"));
         nodes.extend(edges.iter().map(|e| e["node"].clone()));
@@ -51,28 +46,16 @@ async fn every_order_pages_through_all_published_reviews_exactly_once_in_order()
     let app = TestApp::start().await;
     app.seed(20, 400, 2000).await;
     let published = app
-        .count(
-            "SELECT count(*) FROM reviews WHERE offer_id = 'offer-000001' AND status = 'PUBLISHED'",
-        )
+        .count("SELECT count(*) FROM reviews WHERE offer_id = 'offer-000001' AND status = 'PUBLISHED'")
         .await as usize;
     assert!(published > 50, "the hottest offer has many reviews");
 
     for order in ["NEWEST", "OLDEST", "HIGHEST_RATING", "LOWEST_RATING"] {
         let nodes = walk(&app, "offer-000001", order, 7).await;
-        assert_eq!(
-            nodes.len(),
-            published,
-            "{order}: every published review once"
-        );
-        let ids: HashSet<_> = nodes
-            .iter()
-            .map(|n| n["id"].as_str().unwrap().to_owned())
-            .collect();
+        assert_eq!(nodes.len(), published, "{order}: every published review once");
+        let ids: HashSet<_> = nodes.iter().map(|n| n["id"].as_str().unwrap().to_owned()).collect();
         assert_eq!(ids.len(), published, "{order}: no duplicates");
-        assert!(
-            nodes.iter().all(|n| n["status"] == "PUBLISHED"),
-            "{order}: only published"
-        );
+        assert!(nodes.iter().all(|n| n["status"] == "PUBLISHED"), "{order}: only published");
         let keys: Vec<_> = nodes.iter().map(key).collect();
         for pair in keys.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
@@ -92,27 +75,19 @@ async fn every_order_pages_through_all_published_reviews_exactly_once_in_order()
 async fn pagination_is_stable_under_concurrent_inserts() {
     let app = TestApp::start().await;
     app.seed(5, 100, 200).await;
-    let first = app
-        .gql(OFFER_PAGE, json!({ "id": "offer-000001", "first": 5 }))
-        .await;
+    let first = app.gql(OFFER_PAGE, json!({ "id": "offer-000001", "first": 5 })).await;
     let conn = &first["data"]["offer"]["reviews"];
-    let seen: Vec<String> = conn["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["node"]["id"].as_str().unwrap().into())
-        .collect();
+    let seen: Vec<String> =
+        conn["edges"].as_array().unwrap().iter().map(|e| e["node"]["id"].as_str().unwrap().into()).collect();
     // A new review lands on top of the list between two page reads.
-    sqlx::query("INSERT INTO reviews (offer_id, author_id, rating, body) VALUES ('offer-000001', 'newcomer', 5, 'new')")
-        .execute(&app.db)
-        .await
-        .unwrap();
-    let second = app
-        .gql(
-            OFFER_PAGE,
-            json!({ "id": "offer-000001", "first": 5, "after": conn["pageInfo"]["endCursor"] }),
-        )
-        .await;
+    sqlx::query(
+        "INSERT INTO reviews (offer_id, author_id, rating, body) VALUES ('offer-000001', 'newcomer', 5, 'new')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let second =
+        app.gql(OFFER_PAGE, json!({ "id": "offer-000001", "first": 5, "after": conn["pageInfo"]["endCursor"] })).await;
     let next: Vec<String> = second["data"]["offer"]["reviews"]["edges"]
         .as_array()
         .unwrap()
@@ -120,10 +95,7 @@ async fn pagination_is_stable_under_concurrent_inserts() {
         .map(|e| e["node"]["id"].as_str().unwrap().into())
         .collect();
     assert_eq!(next.len(), 5);
-    assert!(
-        next.iter().all(|id| !seen.contains(id)),
-        "no review repeats: {seen:?} then {next:?}"
-    );
+    assert!(next.iter().all(|id| !seen.contains(id)), "no review repeats: {seen:?} then {next:?}");
 }
 
 #[tokio::test]
@@ -146,12 +118,7 @@ async fn rating_aggregates_match_the_published_rows() {
     .unwrap();
     assert_eq!(rating["count"], count);
     assert!((rating["average"].as_f64().unwrap() - avg).abs() < 1e-9);
-    let dist: Vec<i64> = rating["distribution"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
+    let dist: Vec<i64> = rating["distribution"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     assert_eq!(dist.len(), 5);
     assert_eq!(dist.iter().sum::<i64>(), count);
     assert_eq!(
@@ -165,11 +132,8 @@ async fn rating_aggregates_match_the_published_rows() {
 async fn user_lists_and_counts_only_published_reviews() {
     let app = TestApp::start().await;
     app.seed(30, 20, 400).await;
-    let published = app
-        .count(
-            "SELECT count(*) FROM reviews WHERE author_id = 'user-000003' AND status = 'PUBLISHED'",
-        )
-        .await;
+    let published =
+        app.count("SELECT count(*) FROM reviews WHERE author_id = 'user-000003' AND status = 'PUBLISHED'").await;
     let body = app
         .gql(
             "{ user(id: \"user-000003\") { reviewCount reviews(first: 100) { totalCount edges { node { status author { id } } } } } }",
@@ -181,26 +145,17 @@ async fn user_lists_and_counts_only_published_reviews() {
     assert_eq!(user["reviews"]["totalCount"], published);
     let edges = user["reviews"]["edges"].as_array().unwrap();
     assert_eq!(edges.len() as i64, published);
-    assert!(edges
-        .iter()
-        .all(|e| e["node"]["status"] == "PUBLISHED" && e["node"]["author"]["id"] == "user-000003"));
+    assert!(edges.iter().all(|e| e["node"]["status"] == "PUBLISHED" && e["node"]["author"]["id"] == "user-000003"));
 }
 
 #[tokio::test]
 async fn cursors_from_another_list_or_order_are_refused() {
     let app = TestApp::start().await;
     app.seed(5, 100, 200).await;
-    let body = app
-        .gql(OFFER_PAGE, json!({ "id": "offer-000001", "first": 2 }))
-        .await;
+    let body = app.gql(OFFER_PAGE, json!({ "id": "offer-000001", "first": 2 })).await;
     let cursor = body["data"]["offer"]["reviews"]["pageInfo"]["endCursor"].clone();
     for (offer, order) in [("offer-000002", "NEWEST"), ("offer-000001", "OLDEST")] {
-        let body = app
-            .gql(
-                OFFER_PAGE,
-                json!({ "id": offer, "first": 2, "after": cursor, "order": order }),
-            )
-            .await;
+        let body = app.gql(OFFER_PAGE, json!({ "id": offer, "first": 2, "after": cursor, "order": order })).await;
         assert_eq!(error_code(&body), Some("BAD_USER_INPUT"), "{body}");
     }
 }

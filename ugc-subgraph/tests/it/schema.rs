@@ -9,10 +9,7 @@ use ugc_subgraph::graphql;
 use crate::support::TestApp;
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn checked_in() -> String {
@@ -32,10 +29,7 @@ fn checked_in_sdl_matches_the_code() {
 async fn the_served_sdl_is_the_checked_in_one() {
     let app = TestApp::start().await;
     let body = app.gql("{ _service { sdl } }", json!({})).await;
-    assert_eq!(
-        body["data"]["_service"]["sdl"].as_str().unwrap(),
-        checked_in()
-    );
+    assert_eq!(body["data"]["_service"]["sdl"].as_str().unwrap(), checked_in());
 }
 
 #[test]

@@ -16,31 +16,21 @@ use ugc_subgraph::store::seed::SeedPlan;
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
 
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 pub fn admin_url() -> String {
-    std::env::var("TEST_PG_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_PG_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A fresh, empty database; returns its URL.
 pub async fn fresh_database() -> (String, String) {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let name = format!(
-        "ugc_t_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        nanos % 100_000
-    );
-    let admin = PgPool::connect(&admin_url())
-        .await
-        .expect("Postgres must run on 127.0.0.1:5432 (make services)");
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    let name = format!("ugc_t_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos % 100_000);
+    let admin = PgPool::connect(&admin_url()).await.expect("Postgres must run on 127.0.0.1:5432 (make services)");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&admin).await.unwrap();
     admin.close().await;
     let base = admin_url();
     let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
@@ -50,6 +40,8 @@ pub async fn fresh_database() -> (String, String) {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub db_url: String,
+    /// The Redis key prefix of this deployment (shared by instances on one database).
+    pub prefix: String,
     pub db: PgPool,
     pub state: AppState,
     client: reqwest::Client,
@@ -69,8 +61,13 @@ impl TestApp {
 
     /// Starts an instance on an existing database (several instances may share one).
     pub async fn start_on(db_url: &str, vars: &[(&str, &str)]) -> Self {
+        let prefix = format!("t{}", db_url.rsplit('/').next().unwrap());
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db_url.to_owned()),
+            ("REDIS_URL".into(), redis_url()),
+            // Instances started on one database share a key prefix (they are
+            // one deployment); different tests never do.
+            ("UGC_CACHE_PREFIX".into(), prefix.clone()),
             ("UGC_JWT_SECRET".into(), SECRET.into()),
             ("UGC_LISTEN".into(), "127.0.0.1:0".into()),
             ("UGC_DB_POOL_SIZE".into(), "8".into()),
@@ -82,20 +79,9 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(server::serve(
-            listener,
-            state.clone(),
-            stop.clone().cancelled_owned(),
-        ));
+        tokio::spawn(server::serve(listener, state.clone(), stop.clone().cancelled_owned()));
         let db = PgPool::connect(db_url).await.unwrap();
-        Self {
-            addr,
-            db_url: db_url.to_owned(),
-            db,
-            state,
-            client: reqwest::Client::new(),
-            stop,
-        }
+        Self { addr, db_url: db_url.to_owned(), prefix, db, state, client: reqwest::Client::new(), stop }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -103,16 +89,7 @@ impl TestApp {
     }
 
     pub async fn seed(&self, offers: u32, users: u32, reviews: u64) {
-        self.state
-            .store
-            .seed(SeedPlan {
-                offers,
-                users,
-                reviews,
-                seed: 7,
-            })
-            .await
-            .unwrap();
+        self.state.store.seed(SeedPlan { offers, users, reviews, seed: 7 }).await.unwrap();
     }
 
     /// POSTs a GraphQL request; returns the JSON body (any status).
@@ -121,10 +98,7 @@ impl TestApp {
     }
 
     pub async fn gql_as(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let mut req = self
-            .client
-            .post(self.url("/graphql"))
-            .json(&json!({ "query": query, "variables": variables }));
+        let mut req = self.client.post(self.url("/graphql")).json(&json!({ "query": query, "variables": variables }));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -137,18 +111,20 @@ impl TestApp {
 
     /// Total SQL statements executed, read from `/metrics` as an operator would.
     pub async fn sql_statements(&self) -> u64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
         text.lines()
             .filter(|l| l.starts_with("ugc_sql_statements_total{"))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// Sum of the samples of a metric whose line starts with `name` and
+    /// contains every one of `labels` (e.g. `layer="l2"`).
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|lab| l.contains(lab)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
 
@@ -169,11 +145,7 @@ pub fn token(sub: &str, roles: &[&str]) -> String {
 }
 
 pub fn token_with(sub: &str, roles: &[&str], ttl_secs: i64, secret: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        + ttl_secs;
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64 + ttl_secs;
     encode(
         &Header::default(),
         &json!({ "sub": sub, "exp": exp, "roles": roles }),

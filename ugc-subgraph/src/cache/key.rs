@@ -1,0 +1,205 @@
+//! What is cached: keys, the tag each key depends on, and values.
+//!
+//! Every entry depends on exactly one [`Tag`]; invalidating the tag
+//! invalidates every entry under it in O(1) (see `cache/generations.rs`).
+//! Public entries only: everything a key names is visible to every caller
+//! (published reviews, aggregates over published reviews).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::cursor::{ListScope, Position};
+use crate::domain::{Page, PageSize, RatingSummary, Review, ReviewOrder};
+use crate::store::PageKey;
+
+/// Bump when the encoding of any cached value changes: a deploy then never
+/// decodes entries written by the previous version (keys differ).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A cached thing. Hash/Eq make it the L1 key as is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CacheKey {
+    /// A review by id, if published.
+    Review(i64),
+    /// The rating aggregate of an offer.
+    Rating(String),
+    /// The published review count of an author.
+    AuthorCount(String),
+    /// One page of an offer's or author's list.
+    Page(PageKey),
+}
+
+/// The invalidation unit an entry depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Tag {
+    Review(i64),
+    Offer(String),
+    Author(String),
+}
+
+/// Kinds, for metrics labels and TTL choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Review,
+    Rating,
+    AuthorCount,
+    OfferPage,
+    AuthorPage,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Review => "review",
+            Self::Rating => "rating",
+            Self::AuthorCount => "author_count",
+            Self::OfferPage => "offer_page",
+            Self::AuthorPage => "author_page",
+        }
+    }
+}
+
+impl CacheKey {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Review(_) => Kind::Review,
+            Self::Rating(_) => Kind::Rating,
+            Self::AuthorCount(_) => Kind::AuthorCount,
+            Self::Page(PageKey { scope: ListScope::Offer(_), .. }) => Kind::OfferPage,
+            Self::Page(PageKey { scope: ListScope::Author(_), .. }) => Kind::AuthorPage,
+        }
+    }
+
+    pub fn tag(&self) -> Tag {
+        match self {
+            Self::Review(id) => Tag::Review(*id),
+            Self::Rating(offer) => Tag::Offer(offer.clone()),
+            Self::AuthorCount(author) => Tag::Author(author.clone()),
+            Self::Page(PageKey { scope: ListScope::Offer(id), .. }) => Tag::Offer(id.clone()),
+            Self::Page(PageKey { scope: ListScope::Author(id), .. }) => Tag::Author(id.clone()),
+        }
+    }
+
+    /// The Redis key of the entry: `{prefix}:v{SCHEMA_VERSION}:{kind}:{…}`.
+    /// Ids go last so that no id can forge another key's layout.
+    pub fn redis_key(&self, prefix: &str) -> String {
+        let v = SCHEMA_VERSION;
+        match self {
+            Self::Review(id) => format!("{prefix}:v{v}:r:{id}"),
+            Self::Rating(offer) => format!("{prefix}:v{v}:rt:{offer}"),
+            Self::AuthorCount(author) => format!("{prefix}:v{v}:ac:{author}"),
+            Self::Page(k) => {
+                let order = match k.order {
+                    ReviewOrder::Newest => 'n',
+                    ReviewOrder::Oldest => 'o',
+                    ReviewOrder::HighestRating => 'h',
+                    ReviewOrder::LowestRating => 'l',
+                };
+                let after = match k.after {
+                    None => "-".to_owned(),
+                    Some(Position { rating, created_at_micros, id }) => format!("{rating}.{created_at_micros}.{id}"),
+                };
+                let (kind, scope) = match &k.scope {
+                    ListScope::Offer(id) => ("po", id),
+                    ListScope::Author(id) => ("pa", id),
+                };
+                format!("{prefix}:v{v}:{kind}:{order}:{}:{after}:{scope}", k.size.get())
+            }
+        }
+    }
+}
+
+impl Tag {
+    /// The Redis key holding the tag's current invalidation token. Not
+    /// versioned: old and new deploys share invalidations.
+    pub fn redis_key(&self, prefix: &str) -> String {
+        match self {
+            Self::Review(id) => format!("{prefix}:g:r:{id}"),
+            Self::Offer(id) => format!("{prefix}:g:o:{id}"),
+            Self::Author(id) => format!("{prefix}:g:a:{id}"),
+        }
+    }
+}
+
+/// A cached value. Reviews are cached only when published: a review in any
+/// other state is cached as `Review(None)`, exactly what an anonymous reader
+/// may see.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CachedValue {
+    Review(Option<Arc<Review>>),
+    Rating(RatingSummary),
+    Count(i64),
+    Page(Arc<Page>),
+}
+
+impl CachedValue {
+    /// A negative result gets the shorter TTL.
+    pub fn is_negative(&self) -> bool {
+        match self {
+            Self::Review(r) => r.is_none(),
+            Self::Rating(s) => s.count == 0,
+            Self::Count(n) => *n == 0,
+            Self::Page(p) => p.reviews.is_empty(),
+        }
+    }
+
+    /// Approximate heap footprint, for the L1 byte budget.
+    pub fn weight(&self) -> u32 {
+        fn review(r: &Review) -> usize {
+            std::mem::size_of::<Review>() + r.offer_id.len() + r.author_id.len() + r.text.len()
+        }
+        let bytes = match self {
+            Self::Review(r) => 64 + r.as_deref().map_or(0, review),
+            Self::Rating(_) | Self::Count(_) => 96,
+            Self::Page(p) => 96 + p.reviews.iter().map(|r| review(r) + 16).sum::<usize>(),
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
+/// Pages are keyed by everything that determines them.
+pub fn page_key(scope: ListScope, order: ReviewOrder, size: PageSize, after: Option<Position>) -> CacheKey {
+    CacheKey::Page(PageKey { scope, order, size, after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_versioned_namespaced_and_distinct() {
+        let size = PageSize::new(5).unwrap();
+        let keys = [
+            CacheKey::Review(7),
+            CacheKey::Rating("o:1".into()),
+            CacheKey::AuthorCount("o:1".into()),
+            page_key(ListScope::Offer("o:1".into()), ReviewOrder::Newest, size, None),
+            page_key(ListScope::Author("o:1".into()), ReviewOrder::Newest, size, None),
+            page_key(ListScope::Offer("o:1".into()), ReviewOrder::Oldest, size, None),
+        ];
+        let rendered: std::collections::HashSet<_> = keys.iter().map(|k| k.redis_key("t1")).collect();
+        assert_eq!(rendered.len(), keys.len());
+        assert!(rendered.iter().all(|k| k.starts_with(&format!("t1:v{SCHEMA_VERSION}:"))));
+        assert_eq!(keys[1].tag(), keys[3].tag(), "an offer's rating and pages share its tag");
+    }
+
+    #[test]
+    fn values_round_trip_through_the_codec() {
+        let review = Review {
+            id: 1,
+            offer_id: "o".into(),
+            author_id: "a".into(),
+            rating: 5,
+            text: "naïve ✓".into(),
+            status: crate::domain::ReviewStatus::Published,
+            created_at: chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            updated_at: chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            version: 3,
+        };
+        let value = CachedValue::Page(Arc::new(Page { reviews: vec![Arc::new(review)], has_next: true }));
+        let bytes = postcard::to_stdvec(&value).unwrap();
+        assert_eq!(postcard::from_bytes::<CachedValue>(&bytes).unwrap(), value);
+        assert!(postcard::from_bytes::<CachedValue>(&bytes[..bytes.len() / 2]).is_err());
+    }
+}

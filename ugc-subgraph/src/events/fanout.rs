@@ -1,0 +1,79 @@
+//! Fan-out: every instance listens for invalidations (and relay wake-ups)
+//! and evicts its L1. When the listening connection drops, notifications
+//! sent meanwhile are lost, so the instance drops its whole L1 when it
+//! reconnects: no lost invalidation, ever, at the cost of a cold L1.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use super::cascade;
+use super::relay::{Events, Invalidation, INVALIDATE_CHANNEL};
+use crate::store::outbox::WAKE_CHANNEL;
+
+/// Listens until `stop`, reconnecting with back-off.
+pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
+    let mut first = true;
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the invalidation listener; retrying");
+                tokio::select! { () = stop.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen_all([INVALIDATE_CHANNEL, WAKE_CHANNEL]).await {
+            tracing::warn!(error = %e, "LISTEN failed; retrying");
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        if !first {
+            lost(&events, "listener reconnected");
+        }
+        first = false;
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => return,
+                r = listener.try_recv() => r,
+            };
+            match received {
+                Ok(Some(n)) if n.channel() == WAKE_CHANNEL => events.wake(),
+                Ok(Some(n)) => apply(&events, n.payload()),
+                // The connection dropped; try_recv reconnects next time.
+                Ok(None) => lost(&events, "listener connection lost"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "invalidation listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn lost(events: &Events, why: &'static str) {
+    tracing::warn!(why, "invalidations may have been missed: dropping this instance's L1");
+    events.cache().invalidate_all_local();
+    events.metrics().l1_dropped.inc();
+}
+
+fn apply(events: &Events, payload: &str) {
+    let Ok(note) = serde_json::from_str::<Invalidation>(payload) else {
+        tracing::error!("unreadable invalidation; dropping L1 to stay correct");
+        events.cache().invalidate_all_local();
+        return;
+    };
+    if note.all {
+        events.cache().invalidate_all_local();
+    } else {
+        let tags: Vec<_> = note.tags.iter().filter_map(|t| cascade::decode(t)).collect();
+        events.cache().invalidate_local(&tags);
+    }
+    let lag = (Utc::now().timestamp_micros() - note.at_us).max(0) as f64 / 1e6;
+    events.metrics().invalidation_lag.observe(lag);
+    events.metrics().events_applied.inc();
+}

@@ -1,0 +1,137 @@
+//! The transactional outbox: appending events inside write transactions,
+//! claiming them for the relay (`FOR UPDATE SKIP LOCKED`, so several
+//! instances share the work without blocking each other), marking them done,
+//! and pruning.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use super::{Store, StoreError};
+use crate::events::Event;
+
+/// Channel a write notifies on commit, to wake the relays.
+pub const WAKE_CHANNEL: &str = "ugc_outbox";
+
+/// An event as stored, with its id (unique, increasing) and commit time.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    pub id: i64,
+    pub event: Event,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Appends `event` in the caller's transaction; returns its id.
+    pub(super) async fn append(&self, conn: &mut PgConnection, event: &Event) -> Result<i64, StoreError> {
+        let payload = serde_json::to_value(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let id: i64 = self
+            .timed(
+                "insert_outbox",
+                sqlx::query_scalar(
+                    "WITH e AS (INSERT INTO outbox (event) VALUES ($1) RETURNING id) \
+                     SELECT id FROM e, pg_notify($2, '')",
+                )
+                .bind(payload)
+                .bind(WAKE_CHANNEL)
+                .fetch_one(conn),
+            )
+            .await?;
+        Ok(id)
+    }
+
+    /// Starts a relay transaction and locks up to `limit` unprocessed events
+    /// (only `only` when given); rows other relays hold are skipped.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn claim_events(
+        &self,
+        only: Option<i64>,
+        limit: i64,
+    ) -> Result<(Transaction<'static, Postgres>, Vec<OutboxEvent>), StoreError> {
+        let mut tx = self.timed("begin", self.primary.begin()).await?;
+        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>)> = self
+            .timed(
+                "claim_outbox",
+                sqlx::query_as(
+                    "SELECT id, event, created_at FROM outbox \
+                     WHERE processed_at IS NULL AND ($1::bigint IS NULL OR id = $1) \
+                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                )
+                .bind(only)
+                .bind(limit)
+                .fetch_all(&mut *tx),
+            )
+            .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for (id, payload, created_at) in rows {
+            match serde_json::from_value(payload) {
+                Ok(event) => events.push(OutboxEvent { id, event, created_at }),
+                Err(e) => {
+                    // An event this version cannot read is a bug; set it
+                    // aside rather than block the outbox behind it.
+                    tracing::error!(id, error = %e, "unreadable outbox event skipped");
+                    self.finish_events(&mut tx, &[id], &[]).await?;
+                }
+            }
+        }
+        Ok((tx, events))
+    }
+
+    /// Marks `done` processed and counts a failed attempt for `retry`.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn finish_events(&self, conn: &mut PgConnection, done: &[i64], retry: &[i64]) -> Result<(), StoreError> {
+        if !done.is_empty() {
+            self.timed(
+                "finish_outbox",
+                sqlx::query("UPDATE outbox SET processed_at = clock_timestamp() WHERE id = ANY($1)")
+                    .bind(done)
+                    .execute(&mut *conn),
+            )
+            .await?;
+        }
+        if !retry.is_empty() {
+            self.timed(
+                "retry_outbox",
+                sqlx::query("UPDATE outbox SET attempts = attempts + 1 WHERE id = ANY($1)")
+                    .bind(retry)
+                    .execute(&mut *conn),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a notification in the caller's transaction (delivered on commit).
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn notify(&self, conn: &mut PgConnection, channel: &str, payload: &str) -> Result<(), StoreError> {
+        self.timed("notify", sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload).execute(conn)).await?;
+        Ok(())
+    }
+
+    /// Deletes processed events older than `keep`.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn prune_events(&self, keep: std::time::Duration) -> Result<u64, StoreError> {
+        let secs = keep.as_secs_f64();
+        let done = self
+            .timed(
+                "prune_outbox",
+                sqlx::query("DELETE FROM outbox WHERE processed_at < now() - make_interval(secs => $1)")
+                    .bind(secs)
+                    .execute(&self.primary),
+            )
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// A dedicated connection pool entry for LISTEN (the relay and fan-out).
+    pub fn listen_pool(&self) -> &sqlx::PgPool {
+        &self.primary
+    }
+}

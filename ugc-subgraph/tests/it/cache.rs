@@ -1,0 +1,219 @@
+//! The multi-level cache on the read path (issue: L1 moka + L2 Redis).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use deadpool_redis::redis;
+use serde_json::{json, Value};
+use tokio::process::Command;
+
+use crate::mutations::create;
+use crate::support::{error_code, eventually, token, TestApp};
+
+const OFFERS: &str = "query($representations: [_Any!]!) {
+  _entities(representations: $representations) {
+    ... on Offer { id rating { average count distribution } reviews(first: 5) { totalCount edges { node { id rating author { id } } } } }
+  }
+}";
+
+fn offers(range: std::ops::RangeInclusive<usize>) -> Value {
+    Value::Array(range.map(|i| json!({ "__typename": "Offer", "id": format!("offer-{i:06}") })).collect())
+}
+
+async fn sql_delta(app: &TestApp, query: &str, variables: Value) -> (u64, Value) {
+    let before = app.sql_statements().await;
+    let body = app.gql(query, variables).await;
+    assert!(body["errors"].is_null(), "{body}");
+    (app.sql_statements().await - before, body)
+}
+
+#[tokio::test]
+async fn warm_reads_come_from_l1_and_other_instances_read_l2() {
+    let a = TestApp::start_with(&[("UGC_LOADER_DELAY_US", "20000")]).await;
+    a.seed(40, 300, 2000).await;
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let vars = json!({ "representations": offers(1..=20) });
+
+    let (cold, first) = sql_delta(&a, OFFERS, vars.clone()).await;
+    assert_eq!(cold, 2, "cold: one statement per kind");
+    let (warm, again) = sql_delta(&a, OFFERS, vars.clone()).await;
+    assert_eq!(warm, 0, "warm: served from L1");
+    assert_eq!(first, again);
+    assert!(a.metric("ugc_cache_requests_total", &["layer=\"l1\"", "result=\"hit\""]).await >= 40.0);
+
+    let (other, from_l2) = sql_delta(&b, OFFERS, vars).await;
+    assert_eq!(other, 0, "another instance is served by L2");
+    assert_eq!(from_l2, first);
+    assert!(b.metric("ugc_cache_requests_total", &["layer=\"l2\"", "result=\"hit\""]).await >= 40.0);
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_cold_requests_over_two_instances_load_once() {
+    let a = TestApp::start_with(&[("UGC_LEASE_WAIT_MS", "3000")]).await;
+    a.seed(10, 300, 1000).await;
+    let b = TestApp::start_on(&a.db_url, &[("UGC_LEASE_WAIT_MS", "3000")]).await;
+    let query = "{ offer(id: \"offer-000001\") { rating { count average } reviews(first: 5) { totalCount edges { node { id } } } } }";
+    let before = a.sql_statements().await + b.sql_statements().await;
+    let requests = (0..200).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.gql(query, json!({}))
+    });
+    let answers = futures::future::join_all(requests).await;
+    let after = a.sql_statements().await + b.sql_statements().await;
+    assert!(answers.iter().all(|r| r["errors"].is_null() && r == &answers[0]), "all 200 agree");
+    let waits =
+        a.metric("ugc_singleflight_waits_total", &[]).await + b.metric("ugc_singleflight_waits_total", &[]).await;
+    let contention =
+        a.metric("ugc_lease_contention_total", &[]).await + b.metric("ugc_lease_contention_total", &[]).await;
+    println!("200 cold requests over 2 instances: {} SQL statements, {waits} single-flight waits, {contention} lease contentions", after - before);
+    assert_eq!(after - before, 2, "one rating and one page statement in all");
+}
+
+#[tokio::test]
+async fn negative_results_get_the_shorter_ttl() {
+    let app = TestApp::start_with(&[("UGC_CACHE_NEGATIVE_TTL_SECS", "5"), ("UGC_CACHE_MAX_STALE_SECS", "1")]).await;
+    let id =
+        create(&app, "alice", "offer-x", 4, "present").await["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    app.gql(&format!("{{ a: review(id: \"{id}\") {{ id }} b: review(id: \"999999\") {{ id }} }}"), json!({})).await;
+    let client = redis::Client::open(crate::support::redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl = |key: String| {
+        let mut conn = conn.clone();
+        async move { redis::cmd("PTTL").arg(key).query_async::<i64>(&mut conn).await.unwrap() }
+    };
+    let positive = ttl(format!("{}:v1:r:{id}", app.prefix)).await;
+    let negative = ttl(format!("{}:v1:r:999999", app.prefix)).await;
+    println!("PTTL positive {positive} ms, negative {negative} ms");
+    assert!(negative > 0 && negative <= 6_600, "negative: 5 s ±10 % + 1 s stale, got {negative}");
+    assert!(positive > 60_000, "positive review entries live far longer, got {positive}");
+}
+
+#[tokio::test]
+async fn pending_reviews_never_reach_anonymous_readers_through_any_cache() {
+    let a = TestApp::start().await;
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let id = create(&a, "alice", "offer-p", 5, "secret draft").await["data"]["createReview"]["id"].clone();
+    let moderator = token("mod", &["moderator"]);
+    a.gql_as(
+        Some(&moderator),
+        "mutation($id: ID!) { moderateReview(id: $id, status: PENDING) { id } }",
+        json!({ "id": id }),
+    )
+    .await;
+    let query = "query($id: ID!) { review(id: $id) { id status text } offer(id: \"offer-p\") { reviews { edges { node { id } } } } }";
+    for _ in 0..3 {
+        for app in [&a, &b] {
+            let author = app.gql_as(Some(&token("alice", &[])), query, json!({ "id": id })).await;
+            assert_eq!(author["data"]["review"]["status"], "PENDING", "{author}");
+            let m = app.gql_as(Some(&moderator), query, json!({ "id": id })).await;
+            assert_eq!(m["data"]["review"]["text"], "secret draft");
+            for reader in [None, Some(token("bob", &[]))] {
+                let body = app.gql_as(reader.as_deref(), query, json!({ "id": id })).await;
+                assert_eq!(body["data"]["review"], Value::Null, "{body}");
+                assert_eq!(body["data"]["offer"]["reviews"]["edges"], json!([]));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn stale_values_are_served_while_postgres_fails() {
+    let app = TestApp::start_with(&[("UGC_CACHE_TTL_SECS", "1"), ("UGC_CACHE_MAX_STALE_SECS", "60")]).await;
+    app.seed(5, 50, 100).await;
+    let query = "{ offer(id: \"offer-000001\") { rating { count average } } }";
+    let fresh = app.gql(query, json!({})).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    sqlx::query("ALTER TABLE offer_ratings RENAME TO offer_ratings_gone").execute(&app.db).await.unwrap();
+    let stale = app.gql(query, json!({})).await;
+    assert_eq!(stale, fresh, "the last good value, not an error");
+    let never_cached = app.gql("{ offer(id: \"offer-000002\") { rating { count } } }", json!({})).await;
+    assert!(error_code(&never_cached).is_some(), "Postgres really is failing: {never_cached}");
+    assert!(app.metric("ugc_stale_served_total", &[]).await >= 1.0);
+    sqlx::query("ALTER TABLE offer_ratings_gone RENAME TO offer_ratings").execute(&app.db).await.unwrap();
+}
+
+#[tokio::test]
+async fn hot_keys_are_recorded_and_warmed_into_a_new_instance() {
+    let a = TestApp::start_with(&[("UGC_HOT_KEY_PER_SEC", "5")]).await;
+    a.seed(5, 50, 100).await;
+    let query = "{ offer(id: \"offer-000001\") { rating { count } } }";
+    for _ in 0..20 {
+        a.gql(query, json!({})).await;
+    }
+    assert!(a.metric("ugc_hot_keys_total", &[]).await >= 1.0, "offer-000001's rating became hot");
+    a.state.cache.record_hot_keys().await;
+
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let warmed = b.state.cache.warm_up(100).await;
+    assert!(warmed >= 1, "warm-up loaded the recorded keys");
+    let l2_before = b.metric("ugc_cache_requests_total", &["layer=\"l2\""]).await;
+    let sql_before = b.sql_statements().await;
+    b.gql(query, json!({})).await;
+    assert_eq!(b.sql_statements().await, sql_before);
+    assert_eq!(b.metric("ugc_cache_requests_total", &["layer=\"l2\""]).await, l2_before, "served from L1, no L2 trip");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn redis_server(port: u16) -> tokio::process::Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is required (make services)")
+}
+
+#[tokio::test]
+async fn a_redis_outage_fails_no_request_and_heals_by_itself() {
+    let port = free_port();
+    let mut redis = redis_server(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let ping = || async {
+        let Ok(client) = redis::Client::open(url.as_str()) else { return false };
+        client.get_multiplexed_async_connection().await.is_ok()
+    };
+    assert!(eventually(Duration::from_secs(10), ping).await, "test redis did not start");
+    let vars = [("REDIS_URL", url.as_str()), ("UGC_REDIS_TIMEOUT_MS", "50")];
+    let a = TestApp::start_with(&vars).await;
+    a.seed(60, 300, 2000).await;
+    let b = TestApp::start_on(&a.db_url, &vars).await;
+    let read = |app: &'static TestApp, i: usize| async move {
+        let body = app.gql(OFFERS, json!({ "representations": offers(i % 50 + 1..=i % 50 + 5) })).await;
+        assert!(body["errors"].is_null(), "request {i} failed: {body}");
+    };
+    let (a, b): (&'static TestApp, &'static TestApp) = (Box::leak(Box::new(a)), Box::leak(Box::new(b)));
+    for i in 0..20 {
+        read(a, i).await;
+    }
+
+    redis.kill().await.unwrap();
+    for i in 20..80 {
+        read(if i % 2 == 0 { a } else { b }, i).await;
+    }
+    let ready = a.client().get(a.url("/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "still ready without Redis");
+    let health: Value = ready.json().await.unwrap();
+    assert!(health["redis"].as_str().unwrap().starts_with("unavailable"), "{health}");
+    assert!(a.metric("ugc_redis_errors_total", &[]).await >= 1.0);
+
+    let _redis = redis_server(port);
+    let recovered = eventually(Duration::from_secs(15), async || {
+        read(a, 7).await;
+        let h: Value = a.client().get(a.url("/health/ready")).send().await.unwrap().json().await.unwrap();
+        h["redis"] == "ok"
+    })
+    .await;
+    assert!(recovered, "the circuit closed again once Redis was back");
+    // L2 works again (it restarted empty): what a fills now, b reads
+    // without Postgres. Offers 56-60 were never read before.
+    let fresh = json!({ "representations": offers(56..=60) });
+    assert!(a.gql(OFFERS, fresh.clone()).await["errors"].is_null());
+    let before = b.sql_statements().await;
+    let body = b.gql(OFFERS, fresh).await;
+    assert!(body["errors"].is_null());
+    assert_eq!(b.sql_statements().await, before, "served from the recovered L2");
+}
