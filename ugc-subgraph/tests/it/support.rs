@@ -79,6 +79,7 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
+        state.spawn_background(&stop);
         tokio::spawn(server::serve(listener, state.clone(), stop.clone().cancelled_owned()));
         let db = PgPool::connect(db_url).await.unwrap();
         Self { addr, db_url: db_url.to_owned(), prefix, db, state, client: reqwest::Client::new(), stop }

@@ -1,0 +1,299 @@
+//! Coherence across instances: entity-change events, outbox, cascade
+//! invalidation, fenced fills (issue: coherence).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use ugc_subgraph::cache::CacheKey;
+
+use crate::mutations::create;
+use crate::support::{eventually, token, TestApp};
+
+/// How soon every instance must see a committed write.
+const WINDOW: Duration = Duration::from_millis(500);
+
+const VIEW: &str = "query($id: ID!, $offer: ID!, $author: ID!) {
+  review(id: $id) { text rating }
+  offer(id: $offer) { rating { count distribution } reviews(first: 10) { totalCount edges { node { id text } } } }
+  user(id: $author) { reviewCount reviews { edges { node { text } } } }
+}";
+
+async fn three_instances() -> (TestApp, TestApp, TestApp) {
+    let a = TestApp::start().await;
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let c = TestApp::start_on(&a.db_url, &[]).await;
+    (a, b, c)
+}
+
+fn texts(view: &Value) -> (String, String, String) {
+    (
+        view["data"]["review"]["text"].as_str().unwrap_or("<none>").to_owned(),
+        view["data"]["offer"]["reviews"]["edges"][0]["node"]["text"].as_str().unwrap_or("<none>").to_owned(),
+        view["data"]["user"]["reviews"]["edges"][0]["node"]["text"].as_str().unwrap_or("<none>").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_write_on_one_instance_is_visible_on_every_instance_within_the_window() {
+    let (a, b, c) = three_instances().await;
+    let id = create(&a, "alice", "offer-c", 3, "before").await["data"]["createReview"]["id"].clone();
+    let vars = json!({ "id": id, "offer": "offer-c", "author": "alice" });
+    for app in [&a, &b, &c] {
+        for _ in 0..2 {
+            assert_eq!(texts(&app.gql(VIEW, vars.clone()).await).0, "before", "caches warm");
+        }
+    }
+
+    let update = "mutation($id: ID!) { updateReview(id: $id, input: { text: \"after\", rating: 5 }) { text } }";
+    let written = Instant::now();
+    a.gql_as(Some(&token("alice", &[])), update, json!({ "id": id })).await;
+    // The writer's own instance: the very next read.
+    assert_eq!(texts(&a.gql(VIEW, vars.clone()).await), ("after".into(), "after".into(), "after".into()));
+    for app in [&b, &c] {
+        let seen = eventually(WINDOW, async || {
+            texts(&app.gql(VIEW, vars.clone()).await) == ("after".into(), "after".into(), "after".into())
+        })
+        .await;
+        assert!(seen, "not visible within {WINDOW:?}");
+        let view = app.gql(VIEW, vars.clone()).await;
+        assert_eq!(view["data"]["offer"]["rating"]["distribution"], json!([0, 0, 0, 0, 1]), "aggregate follows");
+    }
+    println!("visible on 3 instances {:?} after the write", written.elapsed());
+    assert!(b.metric("ugc_events_applied_total", &[]).await >= 1.0, "b learnt of the event by fan-out");
+    assert!(b.metric("ugc_invalidation_lag_seconds_count", &[]).await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_fill_that_raced_a_write_is_never_cached() {
+    let a = TestApp::start().await;
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let id = create(&a, "alice", "offer-f", 3, "old text").await["data"]["createReview"]["id"].clone();
+    let review_id: i64 = id.as_str().unwrap().parse().unwrap();
+
+    // Pause the next fill of this review between its load and its fill.
+    let (paused_tx, paused_rx) = oneshot::channel::<()>();
+    let (resume_tx, resume_rx) = oneshot::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((paused_tx, resume_rx))));
+    a.state.cache.set_fill_hook(Some(Arc::new(move |keys: Vec<CacheKey>| {
+        let gate = Arc::clone(&gate);
+        Box::pin(async move {
+            if !keys.contains(&CacheKey::Review(review_id)) {
+                return;
+            }
+            let taken = gate.lock().unwrap().take();
+            if let Some((paused, resume)) = taken {
+                let _ = paused.send(());
+                let _ = resume.await;
+            }
+        })
+    })));
+    let reader = {
+        let url = a.url("/graphql");
+        let id = id.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "query": "query($id: ID!) { review(id: $id) { text } }", "variables": { "id": id } }))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    paused_rx.await.expect("the reader loaded the old row and paused before filling");
+    // The write commits and invalidates while the reader holds the old value.
+    let update = "mutation($id: ID!) { updateReview(id: $id, input: { text: \"new text\" }) { text } }";
+    let written = a.gql_as(Some(&token("alice", &[])), update, json!({ "id": id })).await;
+    assert_eq!(written["data"]["updateReview"]["text"], "new text");
+    resume_tx.send(()).unwrap();
+    let raced = reader.await.unwrap();
+    assert_eq!(raced["data"]["review"]["text"], "old text", "that reader read before the write");
+    a.state.cache.set_fill_hook(None);
+
+    // The old value was not cached: not in L1 (a), not in L2 (b reads L2 first).
+    let query = "query($id: ID!) { review(id: $id) { text } }";
+    assert_eq!(a.gql(query, json!({ "id": id })).await["data"]["review"]["text"], "new text");
+    assert_eq!(b.gql(query, json!({ "id": id })).await["data"]["review"]["text"], "new text");
+    assert!(a.metric("ugc_cache_fills_refused_total", &["layer=\"l1\""]).await >= 1.0);
+    assert!(a.metric("ugc_cache_fills_refused_total", &["layer=\"l2\""]).await >= 1.0);
+}
+
+#[tokio::test]
+async fn an_event_committed_but_never_relayed_is_applied_by_the_background_relay() {
+    let (a, b, _c) = three_instances().await;
+    let id = create(&a, "alice", "offer-g", 4, "v1").await["data"]["createReview"]["id"].clone();
+    let vars = json!({ "id": id, "offer": "offer-g", "author": "alice" });
+    assert_eq!(texts(&b.gql(VIEW, vars.clone()).await).0, "v1");
+    // A writer that died right after commit: row and outbox event, no relay, no notify.
+    let review_id: i64 = id.as_str().unwrap().parse().unwrap();
+    let mut tx = a.db.begin().await.unwrap();
+    sqlx::query("UPDATE reviews SET body = 'v2', version = version + 1 WHERE id = $1")
+        .bind(review_id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let event = json!({ "type": "review_changed", "review_id": review_id, "offer_id": "offer-g", "author_id": "alice", "change": "updated", "version": 2 });
+    sqlx::query("INSERT INTO outbox (event) VALUES ($1)").bind(event).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let seen = eventually(Duration::from_secs(3), async || {
+        texts(&b.gql(VIEW, vars.clone()).await) == ("v2".into(), "v2".into(), "v2".into())
+    })
+    .await;
+    assert!(seen, "the background relay picked the event up");
+    assert!(
+        eventually(Duration::from_secs(2), async || a
+            .count("SELECT count(*) FROM outbox WHERE processed_at IS NULL")
+            .await
+            == 0)
+        .await
+    );
+}
+
+#[tokio::test]
+async fn losing_the_listener_connection_drops_l1() {
+    let a = TestApp::start().await;
+    create(&a, "alice", "offer-l", 4, "x").await;
+    a.gql("{ offer(id: \"offer-l\") { rating { count } } }", json!({})).await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&a.db)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "found the listener");
+    assert!(eventually(Duration::from_secs(10), async || a.metric("ugc_l1_dropped_total", &[]).await >= 1.0).await);
+    // And it is listening again: a write elsewhere reaches it.
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let before = a.metric("ugc_events_applied_total", &[]).await;
+    create(&b, "bob", "offer-l", 2, "y").await;
+    assert!(
+        eventually(Duration::from_secs(5), async || a.metric("ugc_events_applied_total", &[]).await > before).await
+    );
+}
+
+#[tokio::test]
+async fn external_events_remove_a_users_and_an_offers_reviews_idempotently() {
+    let a = TestApp::start_with(&[("UGC_EVENTS_TOKEN", "events-token-0123456789")]).await;
+    a.seed(20, 40, 300).await;
+    let b = TestApp::start_on(&a.db_url, &[("UGC_EVENTS_TOKEN", "events-token-0123456789")]).await;
+    let view = "{ user(id: \"user-000001\") { reviewCount reviews { totalCount } } offer(id: \"offer-000002\") { rating { count } reviews { edges { node { id } } } } o1: offer(id: \"offer-000001\") { rating { count } } }";
+    let before = b.gql(view, json!({})).await;
+    assert!(before["data"]["user"]["reviewCount"].as_i64().unwrap() > 0);
+    let post = |body: Value, bearer: Option<&'static str>| {
+        let mut req = a.client().post(a.url("/events")).json(&body);
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let outbox = a.count("SELECT count(*) FROM outbox").await;
+    let good = json!({ "events": [{ "type": "user_removed", "key": "evt-1", "userId": "user-000001" }] });
+    const TOKEN: Option<&str> = Some("events-token-0123456789");
+    for (body, bearer, status) in [
+        (good.clone(), None, 401),
+        (good.clone(), Some("wrong-token-wrong-token"), 401),
+        (json!({ "events": [] }), TOKEN, 422),
+        (json!({ "events": [{ "type": "user_removed", "key": "", "userId": "u" }] }), TOKEN, 422),
+        (json!({ "events": [{ "type": "user_removed", "key": "k", "userId": "x".repeat(65) }] }), TOKEN, 422),
+        (json!({ "events": [{ "type": "galaxy_exploded", "key": "k" }] }), TOKEN, 400),
+        (json!({ "nope": 1 }), TOKEN, 400),
+    ] {
+        let (got, answer) = post(body, bearer).await;
+        assert_eq!(got, status, "{answer}");
+        assert!(answer["errors"][0]["message"].is_string());
+    }
+    assert_eq!(a.count("SELECT count(*) FROM outbox").await, outbox, "rejected bodies change nothing");
+
+    let (status, applied) = post(good.clone(), TOKEN).await;
+    assert_eq!(status, 200, "{applied}");
+    assert_eq!(applied["applied"], 1);
+    // Another instance sees it within the fan-out window.
+    assert!(eventually(WINDOW, async || b.gql(view, json!({})).await["data"]["user"]["reviewCount"] == 0).await);
+    let after = b.gql(view, json!({})).await;
+    assert_eq!(after["data"]["user"]["reviewCount"], 0, "{after}");
+    assert_eq!(after["data"]["user"]["reviews"]["totalCount"], 0);
+    let o1 = a.count("SELECT count(*) FROM reviews WHERE offer_id = 'offer-000001' AND status = 'PUBLISHED' AND deleted_at IS NULL").await;
+    assert_eq!(after["data"]["o1"]["rating"]["count"], o1, "aggregates follow");
+
+    let (status, again) = post(good, TOKEN).await;
+    assert_eq!((status, again["duplicates"].clone()), (200, json!(1)), "redelivery is recognised");
+
+    let (status, _) =
+        post(json!({ "events": [{ "type": "offer_removed", "key": "evt-2", "offerId": "offer-000002" }] }), TOKEN)
+            .await;
+    assert_eq!(status, 200);
+    assert!(eventually(WINDOW, async || b.gql(view, json!({})).await["data"]["offer"]["rating"]["count"] == 0).await);
+    let gone = b.gql(view, json!({})).await;
+    assert_eq!(gone["data"]["offer"]["rating"]["count"], 0);
+    assert_eq!(gone["data"]["offer"]["reviews"]["edges"], json!([]));
+}
+
+#[tokio::test]
+async fn concurrent_writers_and_readers_find_no_stale_read_after_the_window() {
+    let (a, b, c) = three_instances().await;
+    let id = create(&a, "alice", "offer-s", 3, "v0").await["data"]["createReview"]["id"].clone();
+    let vars = json!({ "id": id, "offer": "offer-s", "author": "alice" });
+    // (version, committed at) of every write.
+    let log: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(vec![(0, Instant::now())]));
+    let stop_at = Instant::now() + Duration::from_secs(3);
+    let writer = {
+        let (log, id) = (Arc::clone(&log), id.clone());
+        let a = &a;
+        async move {
+            let update = "mutation($id: ID!, $t: String!) { updateReview(id: $id, input: { text: $t }) { text } }";
+            let mut n = 0u64;
+            while Instant::now() < stop_at && n < 200 {
+                n += 1;
+                a.gql_as(Some(&token("alice", &[])), update, json!({ "id": id, "t": format!("v{n}") })).await;
+                log.lock().unwrap().push((n, Instant::now()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let reader = |app: &'static TestApp| {
+        let (log, vars) = (Arc::clone(&log), vars.clone());
+        async move {
+            let (mut reads, mut stale) = (0, Vec::new());
+            while Instant::now() < stop_at {
+                let started = Instant::now();
+                let view = app.gql(VIEW, vars.clone()).await;
+                reads += 1;
+                // The newest version committed at least WINDOW before this read began.
+                let floor = log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, at)| *at + WINDOW <= started)
+                    .map(|(n, _)| *n)
+                    .max()
+                    .unwrap_or(0);
+                let (r, p, u) = texts(&view);
+                for seen in [r, p, u] {
+                    let version: u64 = seen.trim_start_matches('v').parse().unwrap_or(0);
+                    if version < floor {
+                        stale.push((seen, floor));
+                    }
+                }
+            }
+            (reads, stale)
+        }
+    };
+    let (b, c): (&'static TestApp, &'static TestApp) = (Box::leak(Box::new(b)), Box::leak(Box::new(c)));
+    let ((), (reads_b, stale_b), (reads_c, stale_c)) = tokio::join!(writer, reader(b), reader(c));
+    let writes = log.lock().unwrap().len() - 1;
+    println!(
+        "{writes} writes, {} reads on 2 other instances, stale after {WINDOW:?}: {}",
+        reads_b + reads_c,
+        stale_b.len() + stale_c.len()
+    );
+    assert!(writes >= 10 && reads_b + reads_c >= 20, "the test exercised something");
+    assert!(stale_b.is_empty() && stale_c.is_empty(), "stale reads: {stale_b:?} {stale_c:?}");
+}
