@@ -29,6 +29,8 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 50;
 pub const DEFAULT_LEASE_MS: u64 = 2_000;
 pub const DEFAULT_LEASE_WAIT_MS: u64 = 150;
 pub const DEFAULT_HOT_KEY_PER_SEC: u64 = 20;
+pub const DEFAULT_STALE_CHECK_RATE: f64 = 0.001;
+pub const DEFAULT_STALE_WINDOW_MS: u64 = 1_000;
 
 /// The variables this service reads; any other `UGC_*` variable is a typo
 /// and refused.
@@ -62,6 +64,8 @@ const KNOWN: &[&str] = &[
     "UGC_LEASE_WAIT_MS",
     "UGC_HOT_KEY_PER_SEC",
     "UGC_EVENTS_TOKEN",
+    "UGC_STALE_CHECK_RATE",
+    "UGC_STALE_WINDOW_MS",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -147,6 +151,10 @@ pub struct CacheConfig {
     pub lease_wait: Duration,
     /// Requests per second above which a key is hot.
     pub hot_key_per_sec: u64,
+    /// Fraction of cache hits checked against Postgres (stale-read detector).
+    pub stale_check_rate: f64,
+    /// A hit older than the committed row by more than this is a stale read.
+    pub stale_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +260,8 @@ impl Config {
             lease: env.millis("UGC_LEASE_MS", DEFAULT_LEASE_MS)?,
             lease_wait: env.millis("UGC_LEASE_WAIT_MS", DEFAULT_LEASE_WAIT_MS)?,
             hot_key_per_sec: env.parse_in("UGC_HOT_KEY_PER_SEC", DEFAULT_HOT_KEY_PER_SEC, 1..=1_000_000)?,
+            stale_check_rate: env.parse_in("UGC_STALE_CHECK_RATE", DEFAULT_STALE_CHECK_RATE, 0.0..=1.0)?,
+            stale_window: env.millis("UGC_STALE_WINDOW_MS", DEFAULT_STALE_WINDOW_MS)?,
         };
         let events_token = env.get("UGC_EVENTS_TOKEN").map(str::to_owned);
         if events_token.as_deref().is_some_and(|t| t.len() < 16) {

@@ -145,6 +145,48 @@ pub struct Loaders {
     pub cache: ReadCache,
     batches: DataLoader<Batches>,
     private: DataLoader<PrivateReviews>,
+    detector: StaleReadDetector,
+}
+
+/// Samples cache hits and checks the reviews they hold against Postgres: a
+/// hit showing an older version (or a review no longer public) whose change
+/// committed more than `window` ago is a stale read — an invalidation that
+/// did not happen. Runs off the request path.
+struct StaleReadDetector {
+    store: Store,
+    metrics: Arc<Metrics>,
+    rate: f64,
+    window: Duration,
+}
+
+impl StaleReadDetector {
+    fn sample(&self, value: &CachedValue) {
+        if self.rate <= 0.0 || rand::random::<f64>() >= self.rate {
+            return;
+        }
+        let cached: Vec<(i64, i64)> = match value {
+            CachedValue::Review(Some(r)) => vec![(r.id, r.version)],
+            CachedValue::Page(p) => p.reviews.iter().map(|r| (r.id, r.version)).collect(),
+            _ => return,
+        };
+        if cached.is_empty() {
+            return;
+        }
+        let (store, metrics, window) = (self.store.clone(), Arc::clone(&self.metrics), self.window);
+        tokio::spawn(async move {
+            let ids: Vec<i64> = cached.iter().map(|(id, _)| *id).collect();
+            let Ok(rows) = store.review_versions(&ids).await else { return };
+            metrics.stale_read_checks.inc();
+            let settled = chrono::Utc::now() - window;
+            for row in rows {
+                let Some((_, seen)) = cached.iter().find(|(id, _)| *id == row.id) else { continue };
+                if (row.version > *seen || !row.public) && row.updated_at < settled {
+                    metrics.stale_reads.inc();
+                    tracing::warn!(review = row.id, cached = seen, current = row.version, "stale read detected");
+                }
+            }
+        });
+    }
 }
 
 impl Loaders {
@@ -153,10 +195,18 @@ impl Loaders {
     /// # Errors
     /// A Redis URL that cannot be used.
     pub fn build(config: &Config, store: Store, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let cache_metrics = Arc::clone(&metrics);
         let source = StoreSource { store: store.clone(), metrics: Arc::clone(&metrics) };
         let cache = Cache::new(config.cache.clone(), config.redis_url.as_deref(), source, metrics)?;
         let delay: Duration = config.graphql.loader_delay;
+        let detector = StaleReadDetector {
+            store: store.clone(),
+            metrics: Arc::clone(&cache_metrics),
+            rate: config.cache.stale_check_rate,
+            window: config.cache.stale_window,
+        };
         Ok(Self {
+            detector,
             batches: DataLoader::new(Batches { cache: cache.clone() }, tokio::spawn).delay(delay).max_batch_size(500),
             private: DataLoader::new(PrivateReviews { store }, tokio::spawn).delay(delay),
             cache,
@@ -165,6 +215,7 @@ impl Loaders {
 
     async fn get(&self, key: CacheKey) -> Result<Option<CachedValue>, LoadError> {
         if let Some(value) = self.cache.get(&key).await {
+            self.detector.sample(&value);
             return Ok(Some(value));
         }
         self.batches.load_one(key).await

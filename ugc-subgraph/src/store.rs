@@ -25,6 +25,7 @@ use crate::domain::{InvalidInput, Review, ReviewStatus};
 use crate::telemetry::metrics::Metrics;
 
 pub use pages::PageKey;
+pub use reads::RowVersion;
 pub use writes::{Committed, NewReview, ReviewPatch};
 
 /// Migrations embedded in the binary; applied by `serve` and `migrate`.

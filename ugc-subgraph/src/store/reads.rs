@@ -71,4 +71,36 @@ impl Store {
         out.extend(rows);
         Ok(out)
     }
+
+    /// Current version, visibility and last change of these reviews, for
+    /// the stale-read detector.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn review_versions(&self, ids: &[i64]) -> Result<Vec<RowVersion>, StoreError> {
+        let rows: Vec<(i64, i64, bool, chrono::DateTime<chrono::Utc>)> = self
+            .timed(
+                "stale_check",
+                sqlx::query_as(
+                    "SELECT id, version, status = 'PUBLISHED' AND deleted_at IS NULL, updated_at \
+                     FROM reviews WHERE id = ANY($1)",
+                )
+                .bind(ids)
+                .fetch_all(&self.primary),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, version, public, updated_at)| RowVersion { id, version, public, updated_at })
+            .collect())
+    }
+}
+
+/// What the stale-read detector compares a cached review with.
+#[derive(Debug, Clone, Copy)]
+pub struct RowVersion {
+    pub id: i64,
+    pub version: i64,
+    pub public: bool,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }

@@ -21,9 +21,11 @@ const VIEW: &str = "query($id: ID!, $offer: ID!, $author: ID!) {
 }";
 
 async fn three_instances() -> (TestApp, TestApp, TestApp) {
+    // Readers sample a fifth of their cache hits against Postgres.
+    let detector = [("UGC_STALE_CHECK_RATE", "0.2"), ("UGC_STALE_WINDOW_MS", "500")];
     let a = TestApp::start().await;
-    let b = TestApp::start_on(&a.db_url, &[]).await;
-    let c = TestApp::start_on(&a.db_url, &[]).await;
+    let b = TestApp::start_on(&a.db_url, &detector).await;
+    let c = TestApp::start_on(&a.db_url, &detector).await;
     (a, b, c)
 }
 
@@ -296,4 +298,31 @@ async fn concurrent_writers_and_readers_find_no_stale_read_after_the_window() {
     );
     assert!(writes >= 10 && reads_b + reads_c >= 20, "the test exercised something");
     assert!(stale_b.is_empty() && stale_c.is_empty(), "stale reads: {stale_b:?} {stale_c:?}");
+    let checks =
+        b.metric("ugc_stale_read_checks_total", &[]).await + c.metric("ugc_stale_read_checks_total", &[]).await;
+    let detected =
+        b.metric("ugc_stale_reads_detected_total", &[]).await + c.metric("ugc_stale_reads_detected_total", &[]).await;
+    println!("stale-read detector: {checks} sampled hits checked, {detected} stale");
+    assert!(checks > 0.0);
+    assert_eq!(detected, 0.0, "the detector agrees");
+}
+
+#[tokio::test]
+async fn the_stale_read_detector_flags_a_cache_that_missed_an_invalidation() {
+    let a = TestApp::start_with(&[("UGC_STALE_CHECK_RATE", "1"), ("UGC_STALE_WINDOW_MS", "100")]).await;
+    let id = create(&a, "alice", "offer-d", 4, "cached").await["data"]["createReview"]["id"].clone();
+    let query = "query($id: ID!) { review(id: $id) { text } }";
+    a.gql(query, json!({ "id": id })).await;
+    assert_eq!(a.metric("ugc_stale_reads_detected_total", &[]).await, 0.0);
+    // Change the row behind the pipeline's back (no outbox event): the cache
+    // now holds a stale value the events will never fix.
+    sqlx::query("UPDATE reviews SET body = 'changed', version = version + 1, updated_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id.as_str().unwrap().parse::<i64>().unwrap())
+        .execute(&a.db)
+        .await
+        .unwrap();
+    assert_eq!(a.gql(query, json!({ "id": id })).await["data"]["review"]["text"], "cached");
+    assert!(
+        eventually(Duration::from_secs(3), async || a.metric("ugc_stale_reads_detected_total", &[]).await >= 1.0).await
+    );
 }

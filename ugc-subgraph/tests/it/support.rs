@@ -71,6 +71,8 @@ impl TestApp {
             ("UGC_JWT_SECRET".into(), SECRET.into()),
             ("UGC_LISTEN".into(), "127.0.0.1:0".into()),
             ("UGC_DB_POOL_SIZE".into(), "8".into()),
+            // Sampling adds statements at random; tests that count them want none.
+            ("UGC_STALE_CHECK_RATE".into(), "0".into()),
         ];
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(env).expect("valid test configuration");
