@@ -53,8 +53,8 @@ use l2::{Fill, L2};
 const XFETCH_BETA: f64 = 1.0;
 /// Reviews by id change rarely; they stay fresh this many times longer.
 const REVIEW_TTL_FACTOR: u32 = 5;
-/// Hot keys stay in L1 this many times longer (their L2 TTL is unchanged).
-const HOT_TTL_FACTOR: u32 = 4;
+/// Hot keys loaded on this instance stay in L1 this many times longer.
+const HOT_TTL_FACTOR: u32 = 2;
 /// How long a request waits for another request's load of the same key.
 const SINGLE_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// How often a contended key is looked up in L2 while its lease holder loads.
@@ -345,7 +345,7 @@ impl<S: Source> Inner<S> {
     /// Token TTL: longer than any entry can live, so an expired token can
     /// never revive an entry filled under an older one.
     fn token_ttl(&self) -> Duration {
-        (self.config.ttl * REVIEW_TTL_FACTOR * HOT_TTL_FACTOR + self.config.max_stale) * 2
+        (self.config.ttl * REVIEW_TTL_FACTOR * HOT_TTL_FACTOR * 2 + self.config.max_stale) * 2
     }
 
     fn hot_set_key(&self) -> String {
@@ -424,11 +424,11 @@ impl<S: Source> Inner<S> {
                 let now = now_ms();
                 for ((i, key), raw) in keys.iter().enumerate().zip(values) {
                     match self.judge_l2(key, raw, tokens[i], now, true) {
-                        Some((value, true)) => {
-                            self.fill_l1(key, value.clone(), l1_tokens[i], None).await;
+                        Some((value, true, left)) => {
+                            self.fill_l1(key, value.clone(), l1_tokens[i], None, Some(left)).await;
                             found.insert(key.clone(), value);
                         }
-                        Some((value, false)) => {
+                        Some((value, false, _)) => {
                             stale.insert(key.clone(), value);
                         }
                         None => {}
@@ -455,8 +455,8 @@ impl<S: Source> Inner<S> {
                 for ((&i, lease_key), (taken, raw)) in remaining.iter().zip(lease_keys).zip(replies) {
                     match self.judge_l2(&keys[i], raw, tokens[i], now, false) {
                         // Filled by another instance since our MGET.
-                        Some((value, true)) => {
-                            self.fill_l1(&keys[i], value.clone(), l1_tokens[i], None).await;
+                        Some((value, true, left)) => {
+                            self.fill_l1(&keys[i], value.clone(), l1_tokens[i], None, Some(left)).await;
                             found.insert(keys[i].clone(), value);
                             if taken {
                                 filled_meanwhile.push(lease_key);
@@ -517,7 +517,7 @@ impl<S: Source> Inner<S> {
                 continue;
             };
             let ttl = jitter(self.kind_ttl(key, value));
-            self.fill_l1(key, value.clone(), l1_tokens[i], Some((ttl, load_time))).await;
+            self.fill_l1(key, value.clone(), l1_tokens[i], Some((ttl, load_time)), None).await;
             if let Some(tokens) = &l2_tokens {
                 let entry = L2Entry {
                     token: tokens[i],
@@ -560,7 +560,7 @@ impl<S: Source> Inner<S> {
         token: u64,
         now: i64,
         count: bool,
-    ) -> Option<(CachedValue, bool)> {
+    ) -> Option<(CachedValue, bool, (Duration, Duration))> {
         let kind = key.kind().label();
         let record = |result| {
             if count {
@@ -582,7 +582,8 @@ impl<S: Source> Inner<S> {
         }
         let fresh = now < entry.fresh_until_ms;
         record(if fresh { "hit" } else { "stale" });
-        Some((entry.value, fresh))
+        let left = |until: i64| Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+        Some((entry.value, fresh, (left(entry.fresh_until_ms), left(entry.stale_until_ms))))
     }
 
     /// Another instance holds the lease of these keys: poll L2 for its fill
@@ -614,8 +615,8 @@ impl<S: Source> Inner<S> {
                     continue;
                 }
                 match self.judge_l2(&keys[i], raw, current[j], now, false) {
-                    Some((value, true)) => {
-                        self.fill_l1(&keys[i], value.clone(), l1_tokens[i], None).await;
+                    Some((value, true, left)) => {
+                        self.fill_l1(&keys[i], value.clone(), l1_tokens[i], None, Some(left)).await;
                         served.push((i, value));
                     }
                     _ => still.push(i),
@@ -627,18 +628,32 @@ impl<S: Source> Inner<S> {
     }
 
     /// Inserts into L1 unless the tag's stripe moved since `token` was taken.
-    /// `fresh` is (ttl, load time) for a value just loaded; `None` for a
-    /// value promoted from L2 (its L1 freshness is the base TTL).
-    async fn fill_l1(&self, key: &CacheKey, value: CachedValue, token: u64, fresh: Option<(Duration, Duration)>) {
+    /// `fresh` is (ttl, load time) for a value just loaded from the source;
+    /// `None` for a value promoted from L2, which keeps the L2 entry's own
+    /// deadlines (`l2_left`: time left fresh, time left servable): an entry
+    /// never outlives, in any layer, the bound counted from its source read.
+    async fn fill_l1(
+        &self,
+        key: &CacheKey,
+        value: CachedValue,
+        token: u64,
+        fresh: Option<(Duration, Duration)>,
+        l2_left: Option<(Duration, Duration)>,
+    ) {
         if self.gens.current(&key.tag()) != token {
             self.metrics.fills_refused.get_or_create(&[("layer", "l1")]).inc();
             return;
         }
-        let (ttl, load_time) = fresh.unwrap_or_else(|| (jitter(self.kind_ttl(key, &value)), Duration::ZERO));
-        let ttl = if self.hot.is_hot(key) { ttl * HOT_TTL_FACTOR } else { ttl };
         let now = Instant::now();
-        let entry =
-            L1Entry { value, token, fresh_until: now + ttl, stale_until: now + ttl + self.config.max_stale, load_time };
+        let (fresh_for, stale_for, load_time) = match (fresh, l2_left) {
+            (Some((ttl, load_time)), _) => {
+                let ttl = if self.hot.is_hot(key) { ttl * HOT_TTL_FACTOR } else { ttl };
+                (ttl, ttl + self.config.max_stale, load_time)
+            }
+            (None, Some((fresh_left, stale_left))) => (fresh_left, stale_left, Duration::ZERO),
+            (None, None) => return,
+        };
+        let entry = L1Entry { value, token, fresh_until: now + fresh_for, stale_until: now + stale_for, load_time };
         self.l1.insert(key.clone(), Arc::new(entry)).await;
     }
 

@@ -214,11 +214,15 @@ impl Loaders {
     }
 
     async fn get(&self, key: CacheKey) -> Result<Option<CachedValue>, LoadError> {
-        if let Some(value) = self.cache.get(&key).await {
-            self.detector.sample(&value);
-            return Ok(Some(value));
+        let value = match self.cache.get(&key).await {
+            Some(value) => Some(value),
+            None => self.batches.load_one(key).await?,
+        };
+        // Whichever layer answered (L1, L2 or Postgres), sample it.
+        if let Some(value) = &value {
+            self.detector.sample(value);
         }
-        self.batches.load_one(key).await
+        Ok(value)
     }
 
     /// A published review (what anyone may see).

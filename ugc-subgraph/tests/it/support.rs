@@ -73,6 +73,10 @@ impl TestApp {
             ("UGC_DB_POOL_SIZE".into(), "8".into()),
             // Sampling adds statements at random; tests that count them want none.
             ("UGC_STALE_CHECK_RATE".into(), "0".into()),
+            // A debug build on a busy 2-core machine can exceed the 50 ms
+            // production timeout; a timed-out Redis call is a miss, which
+            // would make hit-counting tests flaky. The outage test sets 50 ms.
+            ("UGC_REDIS_TIMEOUT_MS".into(), "1000".into()),
         ];
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(env).expect("valid test configuration");
