@@ -240,6 +240,22 @@ impl<S: Source> Cache<S> {
         Ok(out)
     }
 
+    /// The current L1 token of a tag: taken before a read, it fences
+    /// anything derived from that read (see [`Cache::tokens_current`]).
+    pub fn token(&self, tag: &Tag) -> u64 {
+        self.inner.gens.current(tag)
+    }
+
+    /// True when no tag was invalidated since its token was taken.
+    pub fn tokens_current(&self, deps: &[(Tag, u64)]) -> bool {
+        deps.iter().all(|(tag, token)| self.inner.gens.current(tag) == *token)
+    }
+
+    /// Base freshness and stale window, for caches built on this one.
+    pub fn ttl(&self) -> Duration {
+        jitter(self.inner.config.ttl)
+    }
+
     /// Makes every L1 entry under these tags unusable on this instance.
     pub fn invalidate_local(&self, tags: &[Tag]) {
         for tag in tags {

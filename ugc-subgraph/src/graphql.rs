@@ -6,6 +6,7 @@
 //! they return is an [`ApiError`], so each carries an `extensions.code`.
 
 mod entities;
+pub mod entity_cache;
 mod mutation;
 mod query;
 pub mod types;

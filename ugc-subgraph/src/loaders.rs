@@ -18,11 +18,32 @@ use std::time::Duration;
 
 use async_graphql::dataloader::{DataLoader, Loader};
 
-use crate::cache::{BoxFuture, Cache, CacheKey, CachedValue, Source};
+use crate::cache::{BoxFuture, Cache, CacheKey, CachedValue, Source, Tag};
 use crate::config::Config;
 use crate::domain::{Page, RatingSummary, Review, ReviewStatus};
 use crate::store::{PageKey, Store, StoreError};
 use crate::telemetry::metrics::{Metrics, LOADER};
+
+tokio::task_local! {
+    /// Set while an entity is rendered for the entity cache: collects every
+    /// tag the rendering read, with its token taken before the read.
+    static RECORDER: Recorder;
+}
+
+/// The dependencies of one rendering (see `graphql/entity_cache.rs`).
+#[derive(Clone, Default)]
+pub struct Recorder(Arc<std::sync::Mutex<Vec<(Tag, u64)>>>);
+
+impl Recorder {
+    pub fn take(&self) -> Vec<(Tag, u64)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Runs `f` recording the tags its reads depend on.
+pub async fn recording<F: std::future::Future>(recorder: Recorder, f: F) -> F::Output {
+    RECORDER.scope(recorder, f).await
+}
 
 /// Errors are shared by every request waiting on a batch.
 pub type LoadError = Arc<StoreError>;
@@ -214,6 +235,13 @@ impl Loaders {
     }
 
     async fn get(&self, key: CacheKey) -> Result<Option<CachedValue>, LoadError> {
+        // Inside a recorded rendering: note the tag and its token *before*
+        // reading, so that an invalidation during the read is caught.
+        let _ = RECORDER.try_with(|r| {
+            let tag = key.tag();
+            let token = self.cache.token(&tag);
+            r.0.lock().unwrap_or_else(|e| e.into_inner()).push((tag, token));
+        });
         let value = match self.cache.get(&key).await {
             Some(value) => Some(value),
             None => self.batches.load_one(key).await?,

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::events::{fanout, Events};
+use crate::graphql::entity_cache::EntityCache;
 use crate::graphql::{self, UgcSchema};
 use crate::http::auth::Authenticator;
 use crate::loaders::{Loaders, ReadCache};
@@ -31,6 +32,8 @@ pub struct AppState {
     /// The read cache (the schema's loaders hold the same one); the event
     /// pipeline invalidates through it.
     pub cache: ReadCache,
+    /// Rendered `_entities` fragments for the gateway's entity fetches.
+    pub entity_cache: Arc<EntityCache>,
     /// The event pipeline: relay and fan-out (background), and the
     /// external events endpoint.
     pub events: Events,
@@ -50,9 +53,15 @@ impl AppState {
         let loaders = Loaders::build(&config, store.clone(), Arc::clone(&metrics))?;
         let cache = loaders.cache.clone();
         let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics));
+        let entity_cache = Arc::new(EntityCache::new(
+            config.cache.enabled,
+            config.cache.l1_max_bytes / 2,
+            cache.clone(),
+            Arc::clone(&metrics),
+        ));
         let schema = graphql::build(store.clone(), loaders, events.clone(), config.domain.clone(), &config.graphql);
         let auth = Authenticator::new(config.auth.jwt_secret.as_deref());
-        Ok(Self { config: Arc::new(config), store, schema, auth, cache, events, metrics })
+        Ok(Self { config: Arc::new(config), store, schema, auth, cache, entity_cache, events, metrics })
     }
 
     /// Starts the background work of an instance: the outbox relay, the

@@ -67,6 +67,10 @@ fn apply(events: &Events, payload: &str) {
         events.cache().invalidate_all_local();
         return;
     };
+    if note.origin == events.origin() {
+        // Our own relay: this instance's L1 was invalidated before the notify.
+        return;
+    }
     if note.all {
         events.cache().invalidate_all_local();
     } else {

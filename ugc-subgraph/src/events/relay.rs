@@ -48,10 +48,15 @@ pub struct Invalidation {
     pub tags: Vec<String>,
     #[serde(default)]
     pub all: bool,
+    /// The relaying instance, which invalidated its own L1 already.
+    #[serde(default)]
+    pub origin: u64,
 }
 
 #[derive(Clone)]
 pub struct Events {
+    /// Identifies this instance in its notifications.
+    origin: u64,
     store: Store,
     cache: ReadCache,
     metrics: Arc<Metrics>,
@@ -60,7 +65,11 @@ pub struct Events {
 
 impl Events {
     pub fn new(store: Store, cache: ReadCache, metrics: Arc<Metrics>) -> Self {
-        Self { store, cache, metrics, wake: Arc::new(Notify::new()) }
+        Self { origin: rand::random::<u64>() | 1, store, cache, metrics, wake: Arc::new(Notify::new()) }
+    }
+
+    pub fn origin(&self) -> u64 {
+        self.origin
     }
 
     pub fn store(&self) -> &Store {
@@ -114,7 +123,13 @@ impl Events {
             }
             self.cache.invalidate_local(&tags);
             let encoded: Vec<String> = tags.iter().map(cascade::encode).collect();
-            let mut note = Invalidation { id: *id, at_us: created_at.timestamp_micros(), tags: encoded, all: false };
+            let mut note = Invalidation {
+                id: *id,
+                at_us: created_at.timestamp_micros(),
+                tags: encoded,
+                all: false,
+                origin: self.origin,
+            };
             let mut payload = serde_json::to_string(&note).unwrap_or_default();
             if payload.len() > MAX_PAYLOAD {
                 note.tags.clear();
