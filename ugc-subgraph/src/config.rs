@@ -54,6 +54,7 @@ const KNOWN: &[&str] = &[
     "UGC_LOG_FORMAT",
     "UGC_SHUTDOWN_TIMEOUT_SECS",
     "UGC_CACHE",
+    "UGC_ENTITY_CACHE",
     "UGC_CACHE_PREFIX",
     "UGC_L1_MAX_BYTES",
     "UGC_CACHE_TTL_SECS",
@@ -133,6 +134,9 @@ pub struct DomainConfig {
 pub struct CacheConfig {
     /// `UGC_CACHE=off` sends every read to Postgres (benchmarks, debugging).
     pub enabled: bool,
+    /// Rendered `_entities` fragments in front of the data caches
+    /// (`UGC_ENTITY_CACHE`; only with the cache on).
+    pub entity_cache: bool,
     /// Namespace of every Redis key (several deployments or tests can share one Redis).
     pub prefix: String,
     /// L1 budget in bytes (weighed per entry).
@@ -251,6 +255,7 @@ impl Config {
         }
         let cache = CacheConfig {
             enabled: env.bool("UGC_CACHE", true)?,
+            entity_cache: env.bool("UGC_ENTITY_CACHE", true)?,
             prefix,
             l1_max_bytes: env.parse_in("UGC_L1_MAX_BYTES", DEFAULT_L1_MAX_BYTES, 1024 * 1024..=1 << 40)?,
             ttl: secs("UGC_CACHE_TTL_SECS", DEFAULT_CACHE_TTL_SECS)?,

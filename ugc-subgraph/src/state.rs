@@ -54,7 +54,7 @@ impl AppState {
         let cache = loaders.cache.clone();
         let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics));
         let entity_cache = Arc::new(EntityCache::new(
-            config.cache.enabled,
+            config.cache.enabled && config.cache.entity_cache,
             config.cache.l1_max_bytes / 2,
             cache.clone(),
             Arc::clone(&metrics),
