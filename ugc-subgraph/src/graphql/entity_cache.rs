@@ -88,9 +88,10 @@ impl EntityCache {
         }
     }
 
-    fn shape(&self, query: &str, operation: Option<&str>) -> Option<Arc<Shape>> {
+    /// The query's identity (text and operation name) and its shape.
+    fn shape(&self, query: &str, operation: Option<&str>) -> (u64, Option<Arc<Shape>>) {
         let key = hash(query) ^ operation.map_or(0, |o| hash(o).rotate_left(1));
-        self.shapes.get_with(key, || qualify(query, operation).map(Arc::new))
+        (key, self.shapes.get_with(key, || qualify(query, operation).map(Arc::new)))
     }
 
     /// The complete JSON body of `request`, when it qualifies and can be
@@ -105,9 +106,9 @@ impl EntityCache {
         if !self.enabled {
             return None;
         }
-        let shape = self.shape(&request.query, request.operation_name.as_deref())?;
+        let (query_key, shape) = self.shape(&request.query, request.operation_name.as_deref());
+        let shape = shape?;
         let GqlValue::List(reps) = request.variables.get(&shape.variable)? else { return None };
-        let query_key = hash(&request.query) ^ request.operation_name.as_deref().map_or(0, |o| hash(o).rotate_left(1));
         let mut keys = Vec::with_capacity(reps.len());
         for rep in reps {
             keys.push(representation(rep, query_key)?);

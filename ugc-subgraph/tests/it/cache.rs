@@ -238,3 +238,21 @@ async fn a_redis_outage_fails_no_request_and_heals_by_itself() {
     assert!(body["errors"].is_null());
     assert_eq!(b.sql_statements().await, before, "served from the recovered L2");
 }
+
+#[tokio::test]
+async fn an_undecodable_l2_value_is_a_miss_not_an_error() {
+    let a = TestApp::start().await;
+    let id =
+        create(&a, "alice", "offer-z", 5, "intact").await["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    let client = redis::Client::open(crate::support::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:v1:r:{id}", a.prefix))
+        .arg(b"\xff\x00 not postcard".as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let body = a.gql("query($id: ID!) { review(id: $id) { text } }", json!({ "id": id })).await;
+    assert_eq!(body["data"]["review"]["text"], "intact", "{body}");
+    assert!(a.metric("ugc_cache_decode_errors_total", &[]).await >= 1.0);
+}

@@ -372,3 +372,29 @@ async fn the_stale_read_detector_flags_a_cache_that_missed_an_invalidation() {
         eventually(Duration::from_secs(3), async || a.metric("ugc_stale_reads_detected_total", &[]).await >= 1.0).await
     );
 }
+
+#[tokio::test]
+async fn processed_outbox_rows_are_pruned_and_pending_ones_kept() {
+    let a = TestApp::start().await;
+    create(&a, "alice", "offer-p1", 5, "one").await;
+    create(&a, "bob", "offer-p1", 4, "two").await;
+    assert!(
+        eventually(Duration::from_secs(3), async || a
+            .count("SELECT count(*) FROM outbox WHERE processed_at IS NULL")
+            .await
+            == 0)
+        .await
+    );
+    // Two processed an hour ago and more; then a new one arrives.
+    sqlx::query("UPDATE outbox SET processed_at = now() - interval '2 hours' WHERE processed_at IS NOT NULL")
+        .execute(&a.db)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox (event) VALUES ('{\"type\": \"review_changed\", \"review_id\": 1, \"offer_id\": \"x\", \"author_id\": \"y\", \"change\": \"updated\", \"version\": 9}')")
+        .execute(&a.db)
+        .await
+        .unwrap();
+    let pruned = a.state.store.prune_events(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(pruned, 2);
+    assert!(a.count("SELECT count(*) FROM outbox").await >= 1, "the recent event is kept, processed or not");
+}
