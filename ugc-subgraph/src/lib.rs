@@ -3,19 +3,25 @@
 //!
 //! # Layout
 //!
-//! Reads flow `http → graphql → loaders → store`; writes flow
-//! `graphql (mutation) → store (rows + outbox, one transaction)`.
+//! Reads flow `http → graphql → loaders → cache (L1 → L2) → store`; writes
+//! flow `graphql (mutation) → store (rows + outbox, one transaction) →
+//! events (relay → L2 tokens, L1 stripes, NOTIFY → every instance's L1)`.
 //!
 //! - [`cli`]: the `ugc-subgraph` binary's subcommands (serve, migrate, seed, print-schema).
 //! - [`config`]: every setting, from the environment, validated at start-up.
 //! - [`state`]: [`state::AppState`], built once and shared by all requests.
 //! - [`server`], [`shutdown`]: serving a listener; SIGTERM drains in-flight requests.
 //! - [`http`]: routes and tower layers; bearer-token auth ([`http::auth`]).
-//! - [`graphql`]: the schema (contract + federation entities); resolvers only call loaders and the store.
-//! - [`loaders`]: DataLoaders, the only read path of resolvers; batch across requests.
+//! - [`graphql`]: the schema (contract + federation entities); resolvers only call loaders and the store;
+//!   [`graphql::entity_cache`] answers the gateway's entity fetches from coherent rendered fragments.
+//! - [`loaders`]: the only read path of resolvers; L1 fast path, DataLoader batching across requests,
+//!   where the cache meets the store; the stale-read detector.
+//! - [`cache`]: the tiered cache (moka L1, Redis L2): fenced fills, single-flight, leases, breaker,
+//!   stale serving, XFetch, hot keys; knows nothing about SQL.
 //! - [`store`]: all SQL: batched reads, keyset pages, transactional writes, seeding.
 //! - [`domain`]: entities, validation rules, permissions, cursors (pure code).
-//! - [`events`]: entity-change events written to the outbox.
+//! - [`events`]: entity-change events, the cascade rule, the outbox relay, the LISTEN/NOTIFY fan-out,
+//!   and events from other subgraphs.
 //! - [`error`]: the error catalogue, mapped once to GraphQL codes and HTTP statuses.
 //! - [`telemetry`]: logging set-up and the metrics registry.
 

@@ -124,10 +124,6 @@ impl Store {
         Ok(applied == Some(latest))
     }
 
-    pub fn primary(&self) -> &PgPool {
-        &self.primary
-    }
-
     /// Runs one statement, recording its latency and outcome.
     async fn timed<T>(
         &self,

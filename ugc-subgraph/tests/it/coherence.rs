@@ -80,13 +80,18 @@ async fn a_write_on_one_instance_is_visible_on_every_instance_within_the_window(
 async fn rendered_entities_follow_writes_on_every_instance() {
     let (a, b, _c) = three_instances().await;
     create(&a, "alice", "offer-e", 2, "first").await;
-    // Warm b only once it has learnt of that write.
-    assert!(
-        eventually(WINDOW, async || {
-            b.metric("ugc_events_applied_total", &[]).await + b.metric("ugc_events_relayed_total", &[]).await >= 1.0
-        })
-        .await
-    );
+    // Warm only once every instance has learnt of that write (relayed it,
+    // or applied the relaying instance's notification): a late
+    // notification would rightly invalidate a fragment rendered before it.
+    for app in [&a, &b] {
+        assert!(
+            eventually(WINDOW, async || {
+                app.metric("ugc_events_applied_total", &[]).await + app.metric("ugc_events_relayed_total", &[]).await
+                    >= 1.0
+            })
+            .await
+        );
+    }
     let query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { count average } reviews(first: 3) { totalCount edges { node { text } } } } ... on User { id reviewCount } } }";
     let vars = json!({ "representations": [{ "__typename": "Offer", "id": "offer-e" }, { "__typename": "User", "id": "alice" }] });
     for app in [&a, &b] {
