@@ -256,3 +256,17 @@ async fn an_undecodable_l2_value_is_a_miss_not_an_error() {
     assert_eq!(body["data"]["review"]["text"], "intact", "{body}");
     assert!(a.metric("ugc_cache_decode_errors_total", &[]).await >= 1.0);
 }
+
+#[tokio::test]
+async fn with_the_cache_off_every_read_goes_to_postgres() {
+    let app = TestApp::start_with(&[("UGC_CACHE", "off")]).await;
+    app.seed(5, 50, 100).await;
+    let vars = json!({ "representations": offers(1..=3) });
+    let (first, body) = sql_delta(&app, OFFERS, vars.clone()).await;
+    let (second, again) = sql_delta(&app, OFFERS, vars).await;
+    assert!(first >= 2 && second == first, "no caching: {first} then {second}");
+    assert_eq!(body, again);
+    assert_eq!(app.metric("ugc_cache_requests_total", &[]).await, 0.0, "no cache layer consulted");
+    let health: Value = app.client().get(app.url("/health/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["cache"], "off");
+}
