@@ -251,7 +251,7 @@ impl<S: Source> Cache<S> {
         deps.iter().all(|(tag, token)| self.inner.gens.current(tag) == *token)
     }
 
-    /// Base freshness and stale window, for caches built on this one.
+    /// The base freshness, jittered, for caches built on this one.
     pub fn ttl(&self) -> Duration {
         jitter(self.inner.config.ttl)
     }

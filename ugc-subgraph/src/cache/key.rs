@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::cursor::{ListScope, Position};
-use crate::domain::{Page, PageSize, RatingSummary, Review, ReviewOrder};
+use crate::domain::{Page, RatingSummary, Review, ReviewOrder};
 use crate::store::PageKey;
 
 /// Bump when the encoding of any cached value changes: a deploy then never
@@ -158,14 +158,14 @@ impl CachedValue {
     }
 }
 
-/// Pages are keyed by everything that determines them.
-pub fn page_key(scope: ListScope, order: ReviewOrder, size: PageSize, after: Option<Position>) -> CacheKey {
-    CacheKey::Page(PageKey { scope, order, size, after })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::PageSize;
+
+    fn page_key(scope: ListScope, order: ReviewOrder, size: PageSize, after: Option<Position>) -> CacheKey {
+        CacheKey::Page(PageKey { scope, order, size, after })
+    }
 
     #[test]
     fn keys_are_versioned_namespaced_and_distinct() {
