@@ -22,7 +22,6 @@
 //!   source with no error.
 //! * **Public data only.** Keys name only what every caller may see.
 
-mod breaker;
 mod generations;
 mod hot;
 pub mod key;
@@ -39,10 +38,11 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-pub use breaker::State as BreakerState;
+pub use crate::redis::BreakerState;
 pub use key::{CacheKey, CachedValue, Kind, Tag};
 
 use crate::config::CacheConfig;
+use crate::redis::RedisClient;
 use crate::telemetry::metrics::Metrics;
 use generations::Generations;
 use hot::HotKeys;
@@ -126,14 +126,8 @@ fn now_ms() -> i64 {
 
 impl<S: Source> Cache<S> {
     /// Builds the cache and starts its background refresher.
-    ///
-    /// # Errors
-    /// A Redis URL that cannot be used.
-    pub fn new(config: CacheConfig, redis_url: Option<&str>, source: S, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let l2 = match redis_url {
-            Some(url) => Some(L2::new(url, config.redis_timeout, Arc::clone(&metrics))?),
-            None => None,
-        };
+    pub fn new(config: CacheConfig, redis: Option<RedisClient>, source: S, metrics: Arc<Metrics>) -> Self {
+        let l2 = redis.map(L2::new);
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             l1: l1::build(config.l1_max_bytes, Arc::clone(&metrics)),
@@ -150,7 +144,7 @@ impl<S: Source> Cache<S> {
             metrics,
         });
         tokio::spawn(refresher(Arc::downgrade(&inner), refresh_rx));
-        Ok(Self { inner })
+        Self { inner }
     }
 
     pub fn enabled(&self) -> bool {

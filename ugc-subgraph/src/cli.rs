@@ -84,7 +84,11 @@ async fn serve(state: AppState) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (UGC_LISTEN)"))?;
     tracing::info!(config = ?state.config, "configuration");
-    tracing::info!("serving GraphQL on http://{addr}/graphql (GraphiQL: open it in a browser)");
+    if state.config.http.graphiql {
+        tracing::info!("serving GraphQL on http://{addr}/graphql (GraphiQL: open it in a browser)");
+    } else {
+        tracing::info!("serving GraphQL on http://{addr}/graphql (GraphiQL off: UGC_GRAPHIQL=on to serve it)");
+    }
     let grace: Duration = state.config.http.shutdown_timeout;
     let stop = CancellationToken::new();
     let background = state.spawn_background(&stop);
@@ -96,6 +100,15 @@ async fn serve(state: AppState) -> anyhow::Result<()> {
             tracing::info!(keys = warmed, ms = started.elapsed().as_millis() as u64, "L1 warmed with the hottest keys");
         }
     });
+    if let Some(metrics_addr) = state.config.http.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("cannot listen on {metrics_addr} (UGC_METRICS_LISTEN)"))?;
+        tracing::info!("serving /metrics on http://{metrics_addr}/metrics");
+        let (router, http) = (crate::http::metrics_router(state.clone()), state.config.http.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move { server::serve_router(metrics, router, &http, stop.cancelled_owned()).await });
+    }
     let server = tokio::spawn(server::serve(listener, state, stop.clone().cancelled_owned()));
     shutdown::signal().await;
     stop.cancel();

@@ -5,7 +5,8 @@
 //! Every variable is listed in `.env.sample` with its default. Secrets are
 //! never printed: [`Config`]'s `Debug` redacts them.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -31,43 +32,19 @@ pub const DEFAULT_LEASE_WAIT_MS: u64 = 150;
 pub const DEFAULT_HOT_KEY_PER_SEC: u64 = 20;
 pub const DEFAULT_STALE_CHECK_RATE: f64 = 0.001;
 pub const DEFAULT_STALE_WINDOW_MS: u64 = 1_000;
-
-/// The variables this service reads; any other `UGC_*` variable is a typo
-/// and refused.
-const KNOWN: &[&str] = &[
-    "DATABASE_URL",
-    "DATABASE_READ_URL",
-    "REDIS_URL",
-    "UGC_LISTEN",
-    "UGC_JWT_SECRET",
-    "UGC_TRUSTED_PROXIES",
-    "UGC_DB_POOL_SIZE",
-    "UGC_DB_ACQUIRE_TIMEOUT_MS",
-    "UGC_DB_STATEMENT_TIMEOUT_MS",
-    "UGC_REQUEST_TIMEOUT_MS",
-    "UGC_MAX_BODY_BYTES",
-    "UGC_MAX_DEPTH",
-    "UGC_MAX_COMPLEXITY",
-    "UGC_INTROSPECTION",
-    "UGC_MODERATE_ON_CREATE",
-    "UGC_LOADER_DELAY_US",
-    "UGC_LOG_FORMAT",
-    "UGC_SHUTDOWN_TIMEOUT_SECS",
-    "UGC_CACHE",
-    "UGC_ENTITY_CACHE",
-    "UGC_CACHE_PREFIX",
-    "UGC_L1_MAX_BYTES",
-    "UGC_CACHE_TTL_SECS",
-    "UGC_CACHE_NEGATIVE_TTL_SECS",
-    "UGC_CACHE_MAX_STALE_SECS",
-    "UGC_REDIS_TIMEOUT_MS",
-    "UGC_LEASE_MS",
-    "UGC_LEASE_WAIT_MS",
-    "UGC_HOT_KEY_PER_SEC",
-    "UGC_EVENTS_TOKEN",
-    "UGC_STALE_CHECK_RATE",
-    "UGC_STALE_WINDOW_MS",
-];
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 256;
+pub const DEFAULT_MAX_FIELDS: usize = 1_000;
+pub const DEFAULT_MAX_ALIASES: usize = 50;
+pub const DEFAULT_MAX_ROOT_FIELDS: usize = 20;
+pub const DEFAULT_MAX_REPRESENTATIONS: usize = 1_000;
+pub const DEFAULT_MAX_BATCH_OPERATIONS: usize = 10;
+pub const DEFAULT_MAX_REQUEST_COMPLEXITY: usize = 100_000;
+pub const DEFAULT_READ: Quota = Quota { per_sec: 200, burst: 400 };
+pub const DEFAULT_WRITE: Quota = Quota { per_sec: 20, burst: 40 };
+pub const DEFAULT_USER_WRITE: Quota = Quota { per_sec: 2, burst: 10 };
+pub const DEFAULT_EVENTS: Quota = Quota { per_sec: 50, burst: 100 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -75,8 +52,8 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("{name}={value:?} is invalid: {reason}")]
     Invalid { name: String, value: String, reason: String },
-    #[error("{0} is not a setting of this service (known: {known})", known = KNOWN.join(", "))]
-    Unknown(String),
+    #[error("{name} is not a setting of this service (known: {known})")]
+    Unknown { name: String, known: String },
 }
 
 /// Postgres connection settings.
@@ -98,16 +75,61 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Serve `/metrics` on this address only (not on `listen`), when set.
+    pub metrics_listen: Option<SocketAddr>,
     pub request_timeout: Duration,
+    /// A connection whose request headers take longer is closed (slowloris).
+    pub header_read_timeout: Duration,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Requests executing at once at most; more are shed with 503.
+    pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// Serve the GraphiQL page on `GET /graphql`.
+    pub graphiql: bool,
+}
+
+/// A rate: `per_sec` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+/// Rate limits (SPEC §6). Each quota is shared by all instances through
+/// Redis, and enforced per instance when Redis is unavailable.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// `UGC_RATE_LIMIT=off` turns every rate limit off (benchmarks).
+    pub enabled: bool,
+    /// Every `POST /graphql`, per client address.
+    pub read: Quota,
+    /// Mutations, per client address.
+    pub write: Quota,
+    /// Mutations, per signed-in user (JWT `sub`).
+    pub user_write: Quota,
+    /// `POST /events`, per bearer token.
+    pub events: Quota,
 }
 
 /// GraphQL execution policy.
 #[derive(Debug, Clone)]
 pub struct GraphqlConfig {
     pub max_depth: usize,
+    /// Cost of one operation: list fields weighted by `first`, `_entities`
+    /// by its representations.
     pub max_complexity: usize,
+    /// Fields of one operation after fragment expansion.
+    pub max_fields: usize,
+    pub max_aliases: usize,
+    pub max_root_fields: usize,
+    /// `_entities` representations in one request.
+    pub max_representations: usize,
+    /// Operations in one batched HTTP request.
+    pub max_batch_operations: usize,
+    /// Summed cost of every operation of one HTTP request.
+    pub max_request_complexity: usize,
     pub introspection: bool,
     /// How long a DataLoader waits to gather keys into one batch.
     pub loader_delay: Duration,
@@ -118,8 +140,8 @@ pub struct GraphqlConfig {
 pub struct AuthConfig {
     /// HS256 secret; without it every mutation is `UNAUTHENTICATED`.
     pub jwt_secret: Option<String>,
-    /// Raw CIDR list of proxies whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDRs; a bare address is one host).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Domain behaviour switches.
@@ -176,6 +198,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub domain: DomainConfig,
     pub cache: CacheConfig,
+    pub rate_limit: RateLimitConfig,
     /// Bearer token other subgraphs present on `POST /events`; the endpoint
     /// is disabled without it.
     pub events_token: Option<String>,
@@ -196,10 +219,22 @@ impl Config {
     /// # Errors
     /// The first missing, malformed or unknown variable.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let env = Env(vars.into_iter().collect());
-        if let Some(unknown) = env.0.keys().find(|k| k.starts_with("UGC_") && !KNOWN.contains(&k.as_str())) {
-            return Err(ConfigError::Unknown(unknown.clone()));
+        let env = Env { vars: vars.into_iter().collect(), read: RefCell::new(BTreeSet::new()) };
+        let config = Self::read(&env)?;
+        // Every variable this service knows was read above; any other
+        // `UGC_*` variable is a typo and refused.
+        let known = env.read.borrow();
+        let mut unknown: Vec<&String> =
+            env.vars.keys().filter(|k| k.starts_with("UGC_") && !known.contains(k.as_str())).collect();
+        unknown.sort();
+        if let Some(name) = unknown.first() {
+            let known = known.iter().filter(|k| k.starts_with("UGC_")).map(String::as_str).collect::<Vec<_>>().join(", ");
+            return Err(ConfigError::Unknown { name: (*name).clone(), known });
         }
+        Ok(config)
+    }
+
+    fn read(env: &Env) -> Result<Self, ConfigError> {
         let database = DatabaseConfig {
             url: env.postgres_url("DATABASE_URL")?.ok_or(ConfigError::Missing("DATABASE_URL"))?,
             read_url: env.postgres_url("DATABASE_READ_URL")?,
@@ -215,7 +250,16 @@ impl Config {
         };
         let http = HttpConfig {
             listen: env.parse("UGC_LISTEN", DEFAULT_LISTEN.parse().expect("valid default"))?,
+            metrics_listen: env.parse_opt("UGC_METRICS_LISTEN")?,
             request_timeout: env.millis("UGC_REQUEST_TIMEOUT_MS", DEFAULT_REQUEST_TIMEOUT_MS)?,
+            header_read_timeout: env.millis("UGC_HEADER_READ_TIMEOUT_MS", DEFAULT_HEADER_READ_TIMEOUT_MS)?,
+            max_connections: env.parse_in("UGC_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1..=1_000_000)?,
+            max_concurrent_requests: env.parse_in(
+                "UGC_MAX_CONCURRENT_REQUESTS",
+                DEFAULT_MAX_CONCURRENT_REQUESTS,
+                1..=100_000,
+            )?,
+            graphiql: env.bool("UGC_GRAPHIQL", false)?,
             max_body_bytes: env.parse_in("UGC_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 1024..=64 * 1024 * 1024)?,
             shutdown_timeout: Duration::from_secs(env.parse_in(
                 "UGC_SHUTDOWN_TIMEOUT_SECS",
@@ -226,7 +270,21 @@ impl Config {
         let graphql = GraphqlConfig {
             max_depth: env.parse_in("UGC_MAX_DEPTH", DEFAULT_MAX_DEPTH, 1..=1000)?,
             max_complexity: env.parse_in("UGC_MAX_COMPLEXITY", DEFAULT_MAX_COMPLEXITY, 1..=10_000_000)?,
-            introspection: env.bool("UGC_INTROSPECTION", true)?,
+            max_fields: env.parse_in("UGC_MAX_FIELDS", DEFAULT_MAX_FIELDS, 1..=1_000_000)?,
+            max_aliases: env.parse_in("UGC_MAX_ALIASES", DEFAULT_MAX_ALIASES, 0..=100_000)?,
+            max_root_fields: env.parse_in("UGC_MAX_ROOT_FIELDS", DEFAULT_MAX_ROOT_FIELDS, 1..=10_000)?,
+            max_representations: env.parse_in("UGC_MAX_REPRESENTATIONS", DEFAULT_MAX_REPRESENTATIONS, 1..=100_000)?,
+            max_batch_operations: env.parse_in(
+                "UGC_MAX_BATCH_OPERATIONS",
+                DEFAULT_MAX_BATCH_OPERATIONS,
+                1..=1_000,
+            )?,
+            max_request_complexity: env.parse_in(
+                "UGC_MAX_REQUEST_COMPLEXITY",
+                DEFAULT_MAX_REQUEST_COMPLEXITY,
+                1..=100_000_000,
+            )?,
+            introspection: env.bool("UGC_INTROSPECTION", false)?,
             loader_delay: Duration::from_micros(env.parse_in(
                 "UGC_LOADER_DELAY_US",
                 DEFAULT_LOADER_DELAY_US,
@@ -239,8 +297,28 @@ impl Config {
         }
         let trusted_proxies = env
             .get("UGC_TRUSTED_PROXIES")
-            .map(|raw| raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
-            .unwrap_or_default();
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                item.parse::<ipnet::IpNet>()
+                    .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| env.invalid("UGC_TRUSTED_PROXIES", format!("{item:?} is not a CIDR or an address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let quota = |name: &str, default: Quota| -> Result<Quota, ConfigError> {
+            let per_sec = env.parse_in(&format!("UGC_RATE_LIMIT_{name}_PER_SEC"), default.per_sec, 1..=10_000_000)?;
+            let burst = env.parse_in(&format!("UGC_RATE_LIMIT_{name}_BURST"), default.burst, 1..=10_000_000)?;
+            Ok(Quota { per_sec, burst })
+        };
+        let rate_limit = RateLimitConfig {
+            enabled: env.bool("UGC_RATE_LIMIT", true)?,
+            read: quota("READ", DEFAULT_READ)?,
+            write: quota("WRITE", DEFAULT_WRITE)?,
+            user_write: quota("USER_WRITE", DEFAULT_USER_WRITE)?,
+            events: quota("EVENTS", DEFAULT_EVENTS)?,
+        };
         let log_format = match env.get("UGC_LOG_FORMAT") {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -274,6 +352,7 @@ impl Config {
         }
         Ok(Self {
             cache,
+            rate_limit,
             events_token,
             database,
             redis_url,
@@ -299,6 +378,7 @@ impl fmt::Debug for Config {
             .field("trusted_proxies", &self.auth.trusted_proxies)
             .field("domain", &self.domain)
             .field("cache", &self.cache)
+            .field("rate_limit", &self.rate_limit)
             .field("events_token", &self.events_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -318,15 +398,21 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-struct Env(HashMap<String, String>);
+/// The variables, and the names read so far: whatever is read is known,
+/// so every name is written once, where it is parsed.
+struct Env {
+    vars: HashMap<String, String>,
+    read: RefCell<BTreeSet<String>>,
+}
 
 impl Env {
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+        self.read.borrow_mut().insert(name.to_owned());
+        self.vars.get(name).map(String::as_str).filter(|v| !v.is_empty())
     }
 
     fn invalid(&self, name: &str, reason: impl fmt::Display) -> ConfigError {
-        let value = self.0.get(name).cloned().unwrap_or_default();
+        let value = self.vars.get(name).cloned().unwrap_or_default();
         let value = if name.contains("SECRET") || name.contains("TOKEN") { "<redacted>".into() } else { value };
         ConfigError::Invalid { name: name.to_owned(), value, reason: reason.to_string() }
     }
@@ -339,6 +425,13 @@ impl Env {
             None => Ok(default),
             Some(raw) => raw.trim().parse().map_err(|e| self.invalid(name, e)),
         }
+    }
+
+    fn parse_opt<T: FromStr>(&self, name: &str) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        self.get(name).map(|raw| raw.trim().parse().map_err(|e| self.invalid(name, e))).transpose()
     }
 
     fn parse_in<T>(&self, name: &str, default: T, range: std::ops::RangeInclusive<T>) -> Result<T, ConfigError>
@@ -390,6 +483,21 @@ mod tests {
         assert_eq!(c.http.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.database.pool_size, DEFAULT_DB_POOL_SIZE);
         assert!(c.redis_url.is_none() && c.auth.jwt_secret.is_none());
+        assert!(!c.graphql.introspection && !c.http.graphiql, "safe defaults: no introspection, no GraphiQL");
+        assert!(c.rate_limit.enabled && c.rate_limit.read == DEFAULT_READ);
+    }
+
+    #[test]
+    fn trusted_proxies_take_cidrs_and_addresses() {
+        let c = Config::from_vars(vars(&[
+            ("DATABASE_URL", "postgres://x@h/d"),
+            ("UGC_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1 ,::1"),
+            ("UGC_RATE_LIMIT_READ_PER_SEC", "7"),
+        ]))
+        .unwrap();
+        let shown: Vec<String> = c.auth.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+        assert_eq!(c.rate_limit.read, Quota { per_sec: 7, burst: DEFAULT_READ.burst });
     }
 
     #[test]
@@ -407,7 +515,9 @@ mod tests {
             assert!(err.to_string().starts_with(name), "{err}");
         }
         let err = Config::from_vars(vars(&[db, ("UGC_LISTN", "1")])).unwrap_err();
-        assert_eq!(err, ConfigError::Unknown("UGC_LISTN".into()));
+        assert!(matches!(&err, ConfigError::Unknown { name, known } if name == "UGC_LISTN" && known.contains("UGC_LISTEN")), "{err}");
+        let err = Config::from_vars(vars(&[db, ("UGC_TRUSTED_PROXIES", "10.0.0.0/8, gateway")])).unwrap_err();
+        assert!(err.to_string().contains("\"gateway\" is not a CIDR"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! only through the store's mutation methods; they never run SQL. Every error
 //! they return is an [`ApiError`], so each carries an `extensions.code`.
 
+pub mod cost;
 mod entities;
 pub mod entity_cache;
 mod mutation;

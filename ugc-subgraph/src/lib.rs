@@ -34,6 +34,8 @@ pub mod events;
 pub mod graphql;
 pub mod http;
 pub mod loaders;
+pub mod ratelimit;
+pub mod redis;
 pub mod server;
 pub mod shutdown;
 pub mod state;

@@ -20,6 +20,7 @@ use async_graphql::dataloader::{DataLoader, Loader};
 
 use crate::cache::{BoxFuture, Cache, CacheKey, CachedValue, Source, Tag};
 use crate::config::Config;
+use crate::redis::RedisClient;
 use crate::domain::{Page, RatingSummary, Review, ReviewStatus};
 use crate::store::{PageKey, Store, StoreError};
 use crate::telemetry::metrics::{Metrics, LOADER};
@@ -211,14 +212,11 @@ impl StaleReadDetector {
 }
 
 impl Loaders {
-    /// Builds the process-wide loaders and their cache.
-    ///
-    /// # Errors
-    /// A Redis URL that cannot be used.
-    pub fn build(config: &Config, store: Store, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    /// Builds the process-wide loaders and their cache (L2 on `redis`).
+    pub fn build(config: &Config, store: Store, redis: Option<RedisClient>, metrics: Arc<Metrics>) -> Self {
         let cache_metrics = Arc::clone(&metrics);
         let source = StoreSource { store: store.clone(), metrics: Arc::clone(&metrics) };
-        let cache = Cache::new(config.cache.clone(), config.redis_url.as_deref(), source, metrics)?;
+        let cache = Cache::new(config.cache.clone(), redis, source, metrics);
         let delay: Duration = config.graphql.loader_delay;
         let detector = StaleReadDetector {
             store: store.clone(),
@@ -226,12 +224,12 @@ impl Loaders {
             rate: config.cache.stale_check_rate,
             window: config.cache.stale_window,
         };
-        Ok(Self {
+        Self {
             detector,
             batches: DataLoader::new(Batches { cache: cache.clone() }, tokio::spawn).delay(delay).max_batch_size(500),
             private: DataLoader::new(PrivateReviews { store }, tokio::spawn).delay(delay),
             cache,
-        })
+        }
     }
 
     async fn get(&self, key: CacheKey) -> Result<Option<CachedValue>, LoadError> {

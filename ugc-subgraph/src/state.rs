@@ -9,15 +9,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::events::{fanout, Events};
+use crate::graphql::cost::CostGuard;
 use crate::graphql::entity_cache::EntityCache;
 use crate::graphql::{self, UgcSchema};
 use crate::http::auth::Authenticator;
+use crate::http::client::ClientResolver;
 use crate::loaders::{Loaders, ReadCache};
+use crate::ratelimit::RateLimits;
+use crate::redis::RedisClient;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
 /// How often this instance's hot keys are written to Redis for warm-ups.
 const HOT_KEY_RECORD_INTERVAL: Duration = Duration::from_secs(5);
+/// How often rate limiters forget clients that went quiet.
+const LIMITER_CLEAN_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -39,6 +45,12 @@ pub struct AppState {
     pub events: Events,
     /// Every metric of the process.
     pub metrics: Arc<Metrics>,
+    /// Rate limits: per instance, and shared through Redis when it is configured.
+    pub limits: Arc<RateLimits>,
+    /// Finds the real client of a request behind trusted proxies.
+    pub clients: ClientResolver,
+    /// Query cost limits, with each query text's analysis kept.
+    pub cost: Arc<CostGuard>,
 }
 
 impl AppState {
@@ -50,7 +62,14 @@ impl AppState {
     pub fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.database, Arc::clone(&metrics))?;
-        let loaders = Loaders::build(&config, store.clone(), Arc::clone(&metrics))?;
+        let redis = match &config.redis_url {
+            Some(url) => Some(RedisClient::new(url, config.cache.redis_timeout, Arc::clone(&metrics))?),
+            None => None,
+        };
+        let loaders = Loaders::build(&config, store.clone(), redis.clone(), Arc::clone(&metrics));
+        let limits = Arc::new(RateLimits::new(&config, redis.as_ref(), &metrics));
+        let clients = ClientResolver::new(config.auth.trusted_proxies.clone());
+        let cost = Arc::new(CostGuard::new(config.graphql.clone()));
         let cache = loaders.cache.clone();
         let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics));
         let entity_cache = Arc::new(EntityCache::new(
@@ -61,7 +80,7 @@ impl AppState {
         ));
         let schema = graphql::build(store.clone(), loaders, events.clone(), config.domain.clone(), &config.graphql);
         let auth = Authenticator::new(config.auth.jwt_secret.as_deref());
-        Ok(Self { config: Arc::new(config), store, schema, auth, cache, entity_cache, events, metrics })
+        Ok(Self { config: Arc::new(config), store, schema, auth, cache, entity_cache, events, metrics, limits, clients, cost })
     }
 
     /// Starts the background work of an instance: the outbox relay, the
@@ -71,12 +90,16 @@ impl AppState {
             tokio::spawn(self.events.clone().run_relay(stop.clone())),
             tokio::spawn(fanout::run(self.events.clone(), self.store.listen_pool().clone(), stop.clone())),
         ];
-        let (cache, stop) = (self.cache.clone(), stop.clone());
+        let (cache, limits, stop) = (self.cache.clone(), Arc::clone(&self.limits), stop.clone());
         tasks.push(tokio::spawn(async move {
+            let mut record = tokio::time::interval(HOT_KEY_RECORD_INTERVAL);
+            let mut clean = tokio::time::interval(LIMITER_CLEAN_INTERVAL);
+            record.tick().await;
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(HOT_KEY_RECORD_INTERVAL) => cache.record_hot_keys().await,
+                    _ = record.tick() => cache.record_hot_keys().await,
+                    _ = clean.tick() => limits.forget_idle(),
                 }
             }
         }));

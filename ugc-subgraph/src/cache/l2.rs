@@ -1,26 +1,16 @@
 //! L2: Redis, shared by all instances.
 //!
-//! Every call has a timeout and goes through the circuit breaker; a failure
-//! is a miss (reads) or a skipped write, plus a metric — never an error to
-//! the caller. One `MGET` per batch reads entries *and* their tags' tokens;
-//! fills are one `EVAL` per batch that stores each entry only if its tag's
-//! token is still the one read before the load (the fence).
-//!
-//! The hot path uses one multiplexed connection taken out of the
-//! deadpool-redis pool: deadpool-redis PINGs on every checkout, which costs
-//! a round trip per call (SPEC §10). The pool only creates connections, the
-//! first time and after a failure.
+//! Every call goes through the instance's [`RedisClient`] (timeout, circuit
+//! breaker); a failure is a miss (reads) or a skipped write, plus a metric —
+//! never an error to the caller. One `MGET` per batch reads entries *and*
+//! their tags' tokens; fills are one `EVAL` per batch that stores each entry
+//! only if its tag's token is still the one read before the load (the fence).
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{self, RedisResult};
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::redis;
 
-use super::breaker::{Breaker, State};
-use crate::telemetry::metrics::Metrics;
+use crate::redis::{BreakerState as State, RedisClient};
 
 /// Stores each `(entry, tag)` pair's value only if the tag's token still
 /// equals the token read before the load. KEYS: entry1, tag1, entry2, tag2…
@@ -48,85 +38,24 @@ pub struct Fill {
 }
 
 pub struct L2 {
-    pool: Pool,
-    conn: Mutex<Option<MultiplexedConnection>>,
-    breaker: Breaker,
-    timeout: Duration,
-    metrics: Arc<Metrics>,
+    client: RedisClient,
 }
 
 impl L2 {
-    /// Prepares the client; connects on first use.
-    ///
-    /// # Errors
-    /// A URL deadpool-redis cannot use.
-    pub fn new(url: &str, timeout: Duration, metrics: Arc<Metrics>) -> Result<Self, deadpool_redis::CreatePoolError> {
-        let mut config = PoolConfig::from_url(url);
-        let mut pool = deadpool_redis::PoolConfig::new(4);
-        pool.timeouts.wait = Some(timeout * 4);
-        pool.timeouts.create = Some(Duration::from_millis(500));
-        config.pool = Some(pool);
-        Ok(Self {
-            pool: config.create_pool(Some(Runtime::Tokio1))?,
-            conn: Mutex::new(None),
-            // Five failures in a row open the circuit for a second.
-            breaker: Breaker::new(5, Duration::from_secs(1)),
-            timeout,
-            metrics,
-        })
+    pub fn new(client: RedisClient) -> Self {
+        Self { client }
     }
 
     pub fn state(&self) -> State {
-        self.breaker.state()
+        self.client.state()
     }
 
-    async fn connection(&self) -> Option<MultiplexedConnection> {
-        if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Some(conn.clone());
-        }
-        let detached = deadpool_redis::Connection::take(self.pool.get().await.ok()?);
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(detached.clone());
-        Some(detached)
-    }
-
-    /// Runs one Redis operation under the breaker and the timeout.
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if !self.breaker.allow() {
-            self.metrics.redis_breaker_state.set(self.breaker.state().as_gauge());
-            return None;
-        }
-        let outcome = tokio::time::timeout(self.timeout, async {
-            match self.connection().await {
-                Some(conn) => f(conn).await.map_err(|e| e.to_string()),
-                None => Err("no connection".to_owned()),
-            }
-        })
-        .await;
-        match outcome {
-            Ok(Ok(value)) => {
-                self.breaker.success();
-                self.metrics.redis_breaker_state.set(0);
-                Some(value)
-            }
-            failed => {
-                let reason = match failed {
-                    Ok(Err(e)) => e,
-                    _ => "timeout".to_owned(),
-                };
-                self.metrics.redis_errors.get_or_create(&[("op", op)]).inc();
-                // A broken or slow connection is replaced on next use.
-                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if self.breaker.failure() {
-                    tracing::warn!(op, reason, "redis failing: circuit open, serving from L1 + Postgres");
-                }
-                self.metrics.redis_breaker_state.set(self.breaker.state().as_gauge());
-                None
-            }
-        }
+        self.client.call(op, f).await
     }
 
     /// Entries and their tags' tokens, in one round trip.
@@ -256,7 +185,7 @@ impl L2 {
     }
 
     pub async fn ping(&self) -> bool {
-        self.call("ping", |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await }).await.is_some()
+        self.client.ping().await
     }
 }
 

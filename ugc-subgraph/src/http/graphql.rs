@@ -1,10 +1,13 @@
-//! `POST /graphql` per the GraphQL-over-HTTP spec, and the GraphiQL page.
+//! `POST /graphql` per the GraphQL-over-HTTP spec.
 //!
-//! Requests that never reach GraphQL execution (wrong content type, body too
-//! large, malformed JSON, invalid UTF-8) get a GraphQL-shaped JSON error with
-//! a 4xx status. Responses are `application/json` unless the client's
+//! Requests that never reach GraphQL execution (missing or wrong content
+//! type, body too large, malformed JSON, invalid UTF-8, too many operations,
+//! over a cost limit, over the write quota) get a GraphQL-shaped JSON error
+//! with a 4xx status. Responses are `application/json` unless the client's
 //! `Accept` asks for `application/graphql-response+json`, in which case a
-//! request error (parse or validation, no data) is sent with status 400.
+//! request error (parse or validation, no data) is sent with status 400. A
+//! response whose only errors are `SERVICE_UNAVAILABLE` and that carries no
+//! data is a 503 with `Retry-After`, so a gateway or client can retry it.
 
 use std::any::Any;
 use std::time::Instant;
@@ -14,31 +17,36 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
 
+use super::client::ClientAddr;
+use super::layers::{error_body, too_many_requests};
+use crate::graphql::cost::{self, Admitted, CostError, Verdict};
 use crate::graphql::RequestAuth;
 use crate::state::AppState;
 
 const JSON: &str = "application/json";
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 
-pub async fn graphiql() -> Html<String> {
-    Html(async_graphql::http::GraphiQLSource::build().endpoint("/graphql").finish())
-}
-
 pub async fn execute(
     State(state): State<AppState>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let format = negotiate(&headers);
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(JSON);
+    // A POST without a JSON content type is refused, not guessed at: a
+    // form or text/plain POST is what a browser sends cross-site without a
+    // preflight (CSRF).
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.to_ascii_lowercase().starts_with(JSON) {
+        let sent = if content_type.is_empty() { "none was sent".to_owned() } else { format!("got {content_type:?}") };
         return reject(
             &state,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "BAD_REQUEST",
-            "content-type must be application/json",
+            &format!("content-type must be application/json ({sent})"),
         );
     }
     let body = match body {
@@ -54,7 +62,7 @@ pub async fn execute(
         }
         Err(rejection) => return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &rejection.body_text()),
     };
-    let batch: BatchRequest = match serde_json::from_slice(&body) {
+    let mut batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(e) => {
             return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("malformed request body: {e}"))
@@ -63,8 +71,23 @@ pub async fn execute(
     if requests(&batch).any(|r| r.query.trim().is_empty()) {
         return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", "the request has no `query`");
     }
-    let operation = operation_kind(&batch);
+    // Cost limits, before anything is executed.
+    let admitted = match admit(&state, &mut batch) {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            state.metrics.cost_rejections.get_or_create(&[("limit", error.label())]).inc();
+            return reject(&state, StatusCode::BAD_REQUEST, error.code(), &error.to_string());
+        }
+    };
     let auth = RequestAuth(state.auth.viewer(&headers));
+    if admitted.mutation && state.limits.enabled {
+        let client = client.map_or_else(|| "127.0.0.1".to_owned(), |Extension(c)| c.0.to_string());
+        let user = auth.0.as_ref().ok().and_then(|v| v.user_id());
+        if let Err(refusal) = state.limits.check_write(&client, user).await {
+            return too_many_requests(&refusal);
+        }
+    }
+    let operation = if admitted.mutation { "mutation" } else { "query" };
 
     state.metrics.in_flight.inc();
     let started = Instant::now();
@@ -88,12 +111,48 @@ pub async fn execute(
         observe(&state, operation, "timeout", started);
         return reject(&state, StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "request timed out");
     };
-    let request_error = add_default_codes(&mut response);
+    let outcome = add_default_codes(&mut response);
     observe(&state, operation, if response.is_ok() { "ok" } else { "error" }, started);
 
-    let status =
-        if format == GRAPHQL_RESPONSE_JSON && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
-    json_response(status, format, &response)
+    let status = match outcome {
+        Outcome::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Outcome::RequestError if format == GRAPHQL_RESPONSE_JSON => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    };
+    let mut response = json_response(status, format, &response);
+    if outcome == Outcome::Unavailable {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+    }
+    response
+}
+
+/// Every operation of the request checked against the cost limits (by
+/// their cached analyses); what the request is, if admitted.
+fn admit(state: &AppState, batch: &mut BatchRequest) -> Result<Admitted, CostError> {
+    let limits = state.cost.limits();
+    let requests: &mut [async_graphql::Request] = match batch {
+        BatchRequest::Single(r) => std::slice::from_mut(r),
+        BatchRequest::Batch(rs) => rs,
+    };
+    // Counted before a single operation is parsed.
+    cost::check_request(requests.len(), 0, limits)?;
+    let mut total = Admitted { mutation: false, cost: 0 };
+    for request in requests.iter_mut() {
+        let (verdict, parsed) = state.cost.analyse(&request.query);
+        let Verdict::Analysed(analysis) = verdict else {
+            // Not a document: execution answers with the syntax error.
+            continue;
+        };
+        let analysis = analysis.as_ref().as_ref().map_err(Clone::clone)?;
+        if let Some(doc) = parsed {
+            request.set_parsed_query(doc);
+        }
+        let one = analysis.admit(request.operation_name.as_deref(), &request.variables, limits)?;
+        total.mutation |= one.mutation;
+        total.cost = total.cost.saturating_add(one.cost);
+    }
+    cost::check_request(requests.len(), total.cost, limits)?;
+    Ok(total)
 }
 
 fn observe(state: &AppState, operation: &'static str, outcome: &'static str, started: Instant) {
@@ -111,31 +170,34 @@ fn requests(batch: &BatchRequest) -> impl Iterator<Item = &async_graphql::Reques
     }
 }
 
-/// `query` or `mutation`: a bounded label, not the client's operation name.
-fn operation_kind(batch: &BatchRequest) -> &'static str {
-    match requests(batch).next().map(|r| r.query.trim_start()) {
-        Some(q) if q.starts_with("mutation") => "mutation",
-        _ => "query",
-    }
-}
-
 /// Gives every error without a code one: errors of our resolvers always have
 /// one, so what is left comes from async-graphql itself. A value of the wrong
 /// type (literal or variable) is `BAD_USER_INPUT`, as Apollo Server reports
 /// it; other request errors (syntax, unknown fields, depth and complexity
 /// limits: no data) are `GRAPHQL_VALIDATION_FAILED`.
-/// Returns whether any response is a request error.
-fn add_default_codes(response: &mut BatchResponse) -> bool {
+/// Returns what kind of failure the response is, if any.
+fn add_default_codes(response: &mut BatchResponse) -> Outcome {
     let responses: Vec<&mut async_graphql::Response> = match response {
         BatchResponse::Single(r) => vec![r],
         BatchResponse::Batch(rs) => rs.iter_mut().collect(),
     };
     let mut request_error = false;
+    let (mut unavailable, mut other, mut data) = (false, false, false);
     for r in responses {
         let no_data = matches!(r.data, Value::Null);
         request_error |= no_data && !r.errors.is_empty();
+        data |= match &r.data {
+            Value::Object(fields) => fields.values().any(|v| !matches!(v, Value::Null)),
+            Value::Null => false,
+            _ => true,
+        };
         for error in &mut r.errors {
-            let has_code = error.extensions.as_ref().is_some_and(|e| e.get("code").is_some());
+            let existing = error.extensions.as_ref().and_then(|e| e.get("code"));
+            let has_code = existing.is_some();
+            match existing {
+                Some(Value::String(c)) if c == "SERVICE_UNAVAILABLE" => unavailable = true,
+                _ => other = true,
+            }
             let wrong_value = error.message.starts_with("Invalid value for argument");
             let code = match (wrong_value, has_code) {
                 (true, _) => "BAD_USER_INPUT",
@@ -146,7 +208,21 @@ fn add_default_codes(response: &mut BatchResponse) -> bool {
             error.extensions.get_or_insert_with(ErrorExtensionValues::default).set("code", code);
         }
     }
-    request_error
+    match (unavailable && !other && !data, request_error) {
+        (true, _) => Outcome::Unavailable,
+        (false, true) => Outcome::RequestError,
+        (false, false) => Outcome::Done,
+    }
+}
+
+/// What a response says about the request, for its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    /// Parse or validation failed: no data.
+    RequestError,
+    /// Only `SERVICE_UNAVAILABLE` errors and no data: worth a retry.
+    Unavailable,
 }
 
 fn negotiate(headers: &HeaderMap) -> &'static str {
@@ -174,10 +250,6 @@ fn raw_json_response(content_type: &'static str, body: String) -> Response {
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
-}
-
-fn error_body(code: &str, message: &str) -> serde_json::Value {
-    serde_json::json!({ "errors": [{ "message": message, "extensions": { "code": code } }] })
 }
 
 /// A rejection before execution, shaped like a GraphQL response.

@@ -82,8 +82,20 @@ pub struct Metrics {
     pub stale_read_checks: Counter,
     /// Sampled hits older than the committed row by more than the window.
     pub stale_reads: Counter,
-    /// Events accepted on POST /events, by outcome (applied, duplicate).
+    /// Events accepted on POST /events, by outcome (applied, duplicate, conflict).
     pub external_events: Family<Labels, Counter>,
+    /// Requests refused by a rate limit, by quota (read, write, user_write,
+    /// events) and by which limit decided (local, shared).
+    pub rate_limited: Family<Labels2, Counter>,
+    /// Shared-budget requests to Redis, by outcome (granted, denied, unavailable).
+    pub rate_limit_budget_calls: Family<Labels, Counter>,
+    /// Requests shed (503) because the concurrency limit was reached.
+    pub load_shed: Counter,
+    /// Operations refused by a query cost limit before execution, by limit.
+    pub cost_rejections: Family<Labels, Counter>,
+    /// Negative results (unknown ids, empty pages) written to L2: only
+    /// those read again, so a flood of random ids stays out of Redis.
+    pub negative_promotions: Counter,
 }
 
 pub const STATEMENT: &str = "statement";
@@ -128,6 +140,11 @@ impl Metrics {
             stale_read_checks: Counter::default(),
             stale_reads: Counter::default(),
             external_events: Family::default(),
+            rate_limited: Family::default(),
+            rate_limit_budget_calls: Family::default(),
+            load_shed: Counter::default(),
+            cost_rejections: Family::default(),
+            negative_promotions: Counter::default(),
         };
         let mut registry = Registry::with_prefix("ugc");
         registry.register("sql_statements", "SQL statements executed", m.sql_statements.clone());
@@ -182,6 +199,19 @@ impl Metrics {
             m.stale_reads.clone(),
         );
         registry.register("external_events", "Events received on POST /events", m.external_events.clone());
+        registry.register("rate_limited", "Requests refused by a rate limit", m.rate_limited.clone());
+        registry.register(
+            "rate_limit_budget_calls",
+            "Shared rate-limit budget requests to Redis",
+            m.rate_limit_budget_calls.clone(),
+        );
+        registry.register("load_shed", "Requests shed at the concurrency limit", m.load_shed.clone());
+        registry.register("cost_rejections", "Operations refused by a query cost limit", m.cost_rejections.clone());
+        registry.register(
+            "cache_negative_promotions",
+            "Negative results written to L2 after a second read",
+            m.negative_promotions.clone(),
+        );
         Self { registry, ..m }
     }
 

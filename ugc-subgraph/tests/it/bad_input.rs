@@ -69,7 +69,7 @@ async fn bad_graphql_inputs_get_a_clear_error_and_change_nothing() {
         ("review malformed id", None, "{ review(id: \"abc\") { id } }", json!({}), "BAD_USER_INPUT"),
         ("syntax error", None, "{ offer(id: ", json!({}), "GRAPHQL_VALIDATION_FAILED"),
         ("unknown field", None, "{ offer(id: \"x\") { nope } }", json!({}), "GRAPHQL_VALIDATION_FAILED"),
-        ("too deep", None, "{ offer(id: \"x\") { reviews { edges { node { offer { reviews { edges { node { offer { reviews { edges { node { offer { reviews { edges { node { id } } } } } } } } } } } } } } } } }", json!({}), "GRAPHQL_VALIDATION_FAILED"),
+        ("too deep", None, "{ offer(id: \"x\") { reviews { edges { node { offer { reviews { edges { node { offer { reviews { edges { node { offer { reviews { edges { node { id } } } } } } } } } } } } } } } } }", json!({}), "MAX_DEPTH_LIMIT"),
     ];
     for (name, bearer, query, variables, expected) in cases {
         let body = app.gql_as(bearer, query, variables).await;

@@ -32,10 +32,18 @@ async fn responses_follow_the_graphql_over_http_content_negotiation() {
 
 #[tokio::test]
 async fn graphiql_health_and_metrics_are_served() {
-    let app = TestApp::start().await;
+    let app = TestApp::start_with(&[("UGC_GRAPHIQL", "on")]).await;
     let page = app.client().get(app.url("/graphql")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().to_lowercase().contains("graphiql"));
+    assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("script-src"));
+    let page = page.text().await.unwrap();
+    assert!(page.to_lowercase().contains("graphiql"));
+    // Every external script and style sheet is pinned by its hash.
+    for tag in page.split('<').filter(|t| t.starts_with("script src") || t.starts_with("link rel=\"stylesheet\"")) {
+        assert!(tag.contains("integrity=\"sha384-") && tag.contains("crossorigin"), "unpinned: <{tag}");
+        assert!(!tag.contains("@latest") && !tag.contains("@3/"), "not an exact version: <{tag}");
+    }
+    assert!(page.matches("integrity=").count() >= 4);
 
     let live: Value = app.client().get(app.url("/health/live")).send().await.unwrap().json().await.unwrap();
     assert_eq!(live["status"], "alive");

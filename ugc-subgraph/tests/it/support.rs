@@ -77,6 +77,14 @@ impl TestApp {
             // production timeout; a timed-out Redis call is a miss, which
             // would make hit-counting tests flaky. The outage test sets 50 ms.
             ("UGC_REDIS_TIMEOUT_MS".into(), "1000".into()),
+            // Every test talks from 127.0.0.1: limits high enough never to
+            // interfere; the rate-limit tests set their own.
+            ("UGC_RATE_LIMIT_READ_PER_SEC".into(), "1000000".into()),
+            ("UGC_RATE_LIMIT_READ_BURST".into(), "1000000".into()),
+            ("UGC_RATE_LIMIT_WRITE_PER_SEC".into(), "1000000".into()),
+            ("UGC_RATE_LIMIT_WRITE_BURST".into(), "1000000".into()),
+            ("UGC_RATE_LIMIT_USER_WRITE_PER_SEC".into(), "1000000".into()),
+            ("UGC_RATE_LIMIT_USER_WRITE_BURST".into(), "1000000".into()),
         ];
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(env).expect("valid test configuration");
