@@ -6,7 +6,10 @@
 //
 // Composes at start-up with IntrospectAndCompose (each subgraph's
 // `_service { sdl }`) and forwards the client's Authorization header to every
-// subgraph, as a production gateway would.
+// subgraph, as a production gateway would. It also appends the address it
+// received the request from to X-Forwarded-For, so that a subgraph that
+// trusts this gateway (UGC_TRUSTED_PROXIES) rate-limits the real client,
+// not the gateway.
 import { ApolloServer } from '@apollo/server';
 import { startStandaloneServer } from '@apollo/server/standalone';
 import { ApolloGateway, IntrospectAndCompose, RemoteGraphQLDataSource } from '@apollo/gateway';
@@ -14,7 +17,14 @@ import { ApolloGateway, IntrospectAndCompose, RemoteGraphQLDataSource } from '@a
 class ForwardAuthorization extends RemoteGraphQLDataSource {
   willSendRequest({ request, context }) {
     if (context.authorization) request.http.headers.set('authorization', context.authorization);
+    if (context.forwardedFor) request.http.headers.set('x-forwarded-for', context.forwardedFor);
   }
+}
+
+// The incoming X-Forwarded-For (whatever proxies before us wrote) plus our peer.
+function forwardedFor(req) {
+  const peer = (req.socket.remoteAddress ?? '').replace(/^::ffff:/, '');
+  return [req.headers['x-forwarded-for'], peer].filter(Boolean).join(', ');
 }
 
 const gateway = new ApolloGateway({
@@ -31,6 +41,6 @@ const server = new ApolloServer({ gateway });
 const port = Number(process.env.GATEWAY_PORT ?? 4000);
 const { url } = await startStandaloneServer(server, {
   listen: { host: '127.0.0.1', port },
-  context: async ({ req }) => ({ authorization: req.headers.authorization }),
+  context: async ({ req }) => ({ authorization: req.headers.authorization, forwardedFor: forwardedFor(req) }),
 });
 console.log(`gateway ready at ${url}`);

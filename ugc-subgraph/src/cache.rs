@@ -59,6 +59,13 @@ const HOT_TTL_FACTOR: u32 = 2;
 const SINGLE_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// How often a contended key is looked up in L2 while its lease holder loads.
 const LEASE_POLL: Duration = Duration::from_millis(5);
+/// Negative results (unknown ids, empty pages) get this share of the L1
+/// budget, in a cache of their own: a flood of random ids evicts only
+/// other negative results, never the hot set.
+const NEGATIVE_L1_SHARE: u64 = 16;
+/// Negative results loaded once recently, remembered (as hashes) so that
+/// only one read again is written to L2: a random id is read once.
+const NEGATIVE_SEEN: u64 = 100_000;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -106,6 +113,10 @@ struct Inner<S: Source> {
     config: CacheConfig,
     source: S,
     l1: L1,
+    /// Negative results only, on a small budget of their own.
+    l1_negative: L1,
+    /// Hashes of keys recently loaded as negative (the L2 doorkeeper).
+    negative_seen: moka::sync::Cache<u64, ()>,
     l2: Option<L2>,
     gens: Generations,
     hot: HotKeys,
@@ -130,7 +141,12 @@ impl<S: Source> Cache<S> {
         let l2 = redis.map(L2::new);
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            l1: l1::build(config.l1_max_bytes, Arc::clone(&metrics)),
+            l1: l1::build(config.l1_max_bytes - config.l1_max_bytes / NEGATIVE_L1_SHARE, Arc::clone(&metrics)),
+            l1_negative: l1::build(config.l1_max_bytes / NEGATIVE_L1_SHARE, Arc::clone(&metrics)),
+            negative_seen: moka::sync::Cache::builder()
+                .max_capacity(NEGATIVE_SEEN)
+                .time_to_live(config.negative_ttl * 6)
+                .build(),
             hot: HotKeys::new(config.hot_key_per_sec),
             config,
             source,
@@ -275,8 +291,9 @@ impl<S: Source> Cache<S> {
     /// Refreshes gauges before a scrape.
     pub fn export_gauges(&self) {
         let m = &self.inner.metrics;
-        m.l1_bytes.set(self.inner.l1.weighted_size() as i64);
-        m.l1_entries.set(self.inner.l1.entry_count() as i64);
+        let (l1, negative) = (&self.inner.l1, &self.inner.l1_negative);
+        m.l1_bytes.set((l1.weighted_size() + negative.weighted_size()) as i64);
+        m.l1_entries.set((l1.entry_count() + negative.entry_count()) as i64);
         if let Some(l2) = &self.inner.l2 {
             m.redis_breaker_state.set(l2.state().as_gauge());
         }
@@ -375,7 +392,11 @@ impl<S: Source> Inner<S> {
             self.metrics.hot_keys.inc();
             tracing::info!(kind, "hot key detected; kept longer in L1");
         }
-        let Some(entry) = self.l1.get(key).await else {
+        let entry = match self.l1.get(key).await {
+            Some(entry) => Some(entry),
+            None => self.l1_negative.get(key).await,
+        };
+        let Some(entry) = entry else {
             record("miss");
             return Lookup::Miss;
         };
@@ -528,7 +549,7 @@ impl<S: Source> Inner<S> {
             };
             let ttl = jitter(self.kind_ttl(key, value));
             self.fill_l1(key, value.clone(), l1_tokens[i], Some((ttl, load_time)), None).await;
-            if let Some(tokens) = &l2_tokens {
+            if let (Some(tokens), true) = (&l2_tokens, self.worth_sharing(key, value)) {
                 let entry = L2Entry {
                     token: tokens[i],
                     fresh_until_ms: now + ttl.as_millis() as i64,
@@ -663,8 +684,31 @@ impl<S: Source> Inner<S> {
             (None, Some((fresh_left, stale_left))) => (fresh_left, stale_left, Duration::ZERO),
             (None, None) => return,
         };
+        // Each key lives in one of the two caches: the one its value belongs
+        // to (a stale entry in the other would shadow it).
+        let (home, other) =
+            if value.is_negative() { (&self.l1_negative, &self.l1) } else { (&self.l1, &self.l1_negative) };
         let entry = L1Entry { value, token, fresh_until: now + fresh_for, stale_until: now + stale_for, load_time };
-        self.l1.insert(key.clone(), Arc::new(entry)).await;
+        other.invalidate(key).await;
+        home.insert(key.clone(), Arc::new(entry)).await;
+    }
+
+    /// Positive values always go to L2; a negative one only when the key was
+    /// loaded as negative before, recently: an id read once (a random-id
+    /// scan) never reaches Redis.
+    fn worth_sharing(&self, key: &CacheKey, value: &CachedValue) -> bool {
+        if !value.is_negative() {
+            return true;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(key, &mut h);
+        let seen = std::hash::Hasher::finish(&h);
+        if self.negative_seen.contains_key(&seen) {
+            self.metrics.negative_promotions.inc();
+            return true;
+        }
+        self.negative_seen.insert(seen, ());
+        false
     }
 
     fn schedule_refresh(&self, key: &CacheKey, reason: &'static str) {

@@ -228,7 +228,8 @@ impl Config {
             env.vars.keys().filter(|k| k.starts_with("UGC_") && !known.contains(k.as_str())).collect();
         unknown.sort();
         if let Some(name) = unknown.first() {
-            let known = known.iter().filter(|k| k.starts_with("UGC_")).map(String::as_str).collect::<Vec<_>>().join(", ");
+            let known =
+                known.iter().filter(|k| k.starts_with("UGC_")).map(String::as_str).collect::<Vec<_>>().join(", ");
             return Err(ConfigError::Unknown { name: (*name).clone(), known });
         }
         Ok(config)
@@ -274,11 +275,7 @@ impl Config {
             max_aliases: env.parse_in("UGC_MAX_ALIASES", DEFAULT_MAX_ALIASES, 0..=100_000)?,
             max_root_fields: env.parse_in("UGC_MAX_ROOT_FIELDS", DEFAULT_MAX_ROOT_FIELDS, 1..=10_000)?,
             max_representations: env.parse_in("UGC_MAX_REPRESENTATIONS", DEFAULT_MAX_REPRESENTATIONS, 1..=100_000)?,
-            max_batch_operations: env.parse_in(
-                "UGC_MAX_BATCH_OPERATIONS",
-                DEFAULT_MAX_BATCH_OPERATIONS,
-                1..=1_000,
-            )?,
+            max_batch_operations: env.parse_in("UGC_MAX_BATCH_OPERATIONS", DEFAULT_MAX_BATCH_OPERATIONS, 1..=1_000)?,
             max_request_complexity: env.parse_in(
                 "UGC_MAX_REQUEST_COMPLEXITY",
                 DEFAULT_MAX_REQUEST_COMPLEXITY,
@@ -515,7 +512,10 @@ mod tests {
             assert!(err.to_string().starts_with(name), "{err}");
         }
         let err = Config::from_vars(vars(&[db, ("UGC_LISTN", "1")])).unwrap_err();
-        assert!(matches!(&err, ConfigError::Unknown { name, known } if name == "UGC_LISTN" && known.contains("UGC_LISTEN")), "{err}");
+        assert!(
+            matches!(&err, ConfigError::Unknown { name, known } if name == "UGC_LISTN" && known.contains("UGC_LISTEN")),
+            "{err}"
+        );
         let err = Config::from_vars(vars(&[db, ("UGC_TRUSTED_PROXIES", "10.0.0.0/8, gateway")])).unwrap_err();
         assert!(err.to_string().contains("\"gateway\" is not a CIDR"), "{err}");
     }

@@ -45,7 +45,8 @@ pub fn build_router(state: AppState) -> Router {
 
     // Layers added later run first: the rate limits, then shedding.
     let mut graphql_route = layers::shedding(post(graphql::execute), &permits, &state.metrics);
-    let mut events_route = layers::shedding(post(events::receive), &permits, &state.metrics);
+    let mut events_route = layers::shedding(post(events::receive), &permits, &state.metrics)
+        .layer(DefaultBodyLimit::max(events::MAX_EVENTS_BODY_BYTES));
     if limits.enabled {
         graphql_route = graphql_route
             .layer::<_, Infallible>(from_fn_with_state(state.clone(), layers::shared_read_limit))

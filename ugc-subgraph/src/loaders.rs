@@ -20,8 +20,8 @@ use async_graphql::dataloader::{DataLoader, Loader};
 
 use crate::cache::{BoxFuture, Cache, CacheKey, CachedValue, Source, Tag};
 use crate::config::Config;
-use crate::redis::RedisClient;
 use crate::domain::{Page, RatingSummary, Review, ReviewStatus};
+use crate::redis::RedisClient;
 use crate::store::{PageKey, Store, StoreError};
 use crate::telemetry::metrics::{Metrics, LOADER};
 

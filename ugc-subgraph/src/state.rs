@@ -80,7 +80,19 @@ impl AppState {
         ));
         let schema = graphql::build(store.clone(), loaders, events.clone(), config.domain.clone(), &config.graphql);
         let auth = Authenticator::new(config.auth.jwt_secret.as_deref());
-        Ok(Self { config: Arc::new(config), store, schema, auth, cache, entity_cache, events, metrics, limits, clients, cost })
+        Ok(Self {
+            config: Arc::new(config),
+            store,
+            schema,
+            auth,
+            cache,
+            entity_cache,
+            events,
+            metrics,
+            limits,
+            clients,
+            cost,
+        })
     }
 
     /// Starts the background work of an instance: the outbox relay, the

@@ -24,6 +24,7 @@ use crate::config::DatabaseConfig;
 use crate::domain::{InvalidInput, Review, ReviewStatus};
 use crate::telemetry::metrics::Metrics;
 
+pub use external::ExternalOutcome;
 pub use pages::PageKey;
 pub use reads::RowVersion;
 pub use writes::{Committed, NewReview, ReviewPatch};
@@ -137,11 +138,26 @@ impl Store {
     }
 }
 
+/// Failures that say "Postgres cannot serve this now" (worth a retry:
+/// 503) apart from those that say "this statement is wrong" (500).
 fn classify(statement: &'static str, error: sqlx::Error) -> StoreError {
     match error {
         e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => StoreError::Unavailable(e),
+        sqlx::Error::Database(db) if db.code().as_deref().is_some_and(transient) => {
+            StoreError::Unavailable(sqlx::Error::Database(db))
+        }
         source => StoreError::Query { statement, source },
     }
+}
+
+/// SQLSTATEs of an overloaded, restarting or unreachable server:
+/// 57014 statement time-out (or cancel), 57P0x shutting down or starting,
+/// 53xxx out of resources (too many connections), 08xxx connection failures,
+/// 40001/40P01 serialisation failure and deadlock (retry-safe).
+fn transient(code: &str) -> bool {
+    matches!(code, "57014" | "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+        || code.starts_with("53")
+        || code.starts_with("08")
 }
 
 /// The columns of [`review_from_row`], in order.

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{cascade, Events, RemovalCause};
 use crate::domain::{EntityId, InvalidInput};
-use crate::store::StoreError;
+use crate::store::{ExternalOutcome, StoreError};
 
 /// Most events in one request.
 pub const MAX_BATCH: usize = 100;
@@ -79,6 +79,15 @@ impl Batch {
     }
 }
 
+/// Why a valid batch was not (wholly) applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("event {index}: key {key:?} was already used for another event (a different kind or subject)")]
+    KeyReused { index: usize, key: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Outcome of a batch.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Applied {
@@ -92,17 +101,21 @@ impl Events {
     /// Applies validated events in order; a redelivered key changes nothing.
     ///
     /// # Errors
-    /// Postgres unavailable or failing (events before the failure stay applied;
-    /// redelivering the batch is safe).
-    pub async fn apply_external(&self, events: Vec<External>) -> Result<Applied, StoreError> {
+    /// A key reused for another event, or Postgres unavailable or failing
+    /// (events before the failure stay applied; redelivering the batch is safe).
+    pub async fn apply_external(&self, events: Vec<External>) -> Result<Applied, ApplyError> {
         let mut out = Applied::default();
-        for e in events {
+        for (index, e) in events.into_iter().enumerate() {
             match self.store().apply_external(&e.key, e.cause, e.subject.as_str()).await? {
-                None => {
+                ExternalOutcome::Duplicate => {
                     out.duplicates += 1;
                     self.metrics().external_events.get_or_create(&[("outcome", "duplicate")]).inc();
                 }
-                Some((id, event)) => {
+                ExternalOutcome::KeyReused => {
+                    self.metrics().external_events.get_or_create(&[("outcome", "key_reused")]).inc();
+                    return Err(ApplyError::KeyReused { index, key: e.key });
+                }
+                ExternalOutcome::Applied(id, event) => {
                     if let super::Event::ReviewsRemoved { review_ids, .. } = &event {
                         out.reviews_removed += review_ids.len();
                     }

@@ -338,8 +338,12 @@ impl<'d> Counter<'d> {
 }
 
 fn analyse_document(doc: &ExecutableDocument, limits: &GraphqlConfig) -> Result<Analysis, CostError> {
-    let mut counter =
-        Counter { fragments: &doc.fragments, memo: HashMap::new(), visiting: Vec::new(), max_fields: limits.max_fields };
+    let mut counter = Counter {
+        fragments: &doc.fragments,
+        memo: HashMap::new(),
+        visiting: Vec::new(),
+        max_fields: limits.max_fields,
+    };
     let operations: Vec<(Option<&Name>, &Positioned<async_graphql::parser::types::OperationDefinition>)> =
         match &doc.operations {
             DocumentOperations::Single(op) => vec![(None, op)],
@@ -485,9 +489,21 @@ mod tests {
         );
         assert_eq!(analyse(&roots), Err(CostError::RootFields { limit: 20 }));
         // 16 levels, half of them inside a fragment: depth counts through spreads.
-        let deep = format!("{{ {}...D{} }} fragment D on T {{ {}x{} }}", "a { ".repeat(8), " }".repeat(8), "b { ".repeat(7), " }".repeat(7));
+        let deep = format!(
+            "{{ {}...D{} }} fragment D on T {{ {}x{} }}",
+            "a { ".repeat(8),
+            " }".repeat(8),
+            "b { ".repeat(7),
+            " }".repeat(7)
+        );
         assert_eq!(analyse(&deep), Err(CostError::Depth { limit: 15 }));
-        let fine = format!("{{ {}...D{} }} fragment D on T {{ {}x{} }}", "a { ".repeat(7), " }".repeat(7), "b { ".repeat(7), " }".repeat(7));
+        let fine = format!(
+            "{{ {}...D{} }} fragment D on T {{ {}x{} }}",
+            "a { ".repeat(7),
+            " }".repeat(7),
+            "b { ".repeat(7),
+            " }".repeat(7)
+        );
         assert!(analyse(&fine).is_ok());
     }
 
@@ -496,7 +512,8 @@ mod tests {
         let page = "query($n: Int) { offer(id: \"x\") { reviews(first: $n) { edges { node { id } } } } }";
         // offer 1 + reviews (1 + 50 × (edges 1 + node (1 + id 1))) = 1 + 1 + 50 × 3
         assert_eq!(analyse(page).unwrap().cost, 1 + 1 + 50 * 3);
-        let entities = "query($reps: [_Any!]!) { _entities(representations: $reps) { ... on Offer { rating { count } } } }";
+        let entities =
+            "query($reps: [_Any!]!) { _entities(representations: $reps) { ... on Offer { rating { count } } } }";
         assert_eq!(analyse(entities).unwrap().cost, 1 + 30 * 2);
         let too_many = "query($reps: [_Any!]!) { a: _entities(representations: $reps) { __typename } b: _entities(representations: $reps) { __typename } }";
         let mut l = limits();
@@ -504,7 +521,10 @@ mod tests {
         let guard = CostGuard::new(l.clone());
         let Verdict::Analysed(a) = guard.analyse(too_many).0 else { panic!() };
         let vars = Variables::from_json(serde_json::json!({ "reps": vec![serde_json::json!({}); 30] }));
-        assert_eq!(a.as_ref().as_ref().unwrap().admit(None, &vars, &l), Err(CostError::Representations { count: 60, limit: 50 }));
+        assert_eq!(
+            a.as_ref().as_ref().unwrap().admit(None, &vars, &l),
+            Err(CostError::Representations { count: 60, limit: 50 })
+        );
     }
 
     #[test]

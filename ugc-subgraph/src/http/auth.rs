@@ -19,6 +19,16 @@ pub enum AuthError {
     Malformed,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf is in the future)")]
+    NotYetValid,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token algorithm must be HS256")]
+    WrongAlgorithm,
+    #[error("token lacks the required claim `{0}`")]
+    MissingClaim(String),
+    #[error("malformed token: expected a JWT (header.payload.signature)")]
+    MalformedToken,
     #[error("invalid token")]
     Invalid,
     #[error("token subject must be 1 to 64 characters")]
@@ -45,6 +55,7 @@ impl Authenticator {
     pub fn new(secret: Option<&str>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Self { key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())), validation }
     }
@@ -65,10 +76,20 @@ impl Authenticator {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
         let key = self.key.as_ref().ok_or(AuthError::NotConfigured)?;
+        // Only the one algorithm and the one key: the header's `alg`, `kid`,
+        // `jku` or `x5u` never choose how a token is verified.
         let claims = decode::<Claims>(token, key, &self.validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::ExpiredSignature => AuthError::Expired,
+                    K::ImmatureSignature => AuthError::NotYetValid,
+                    K::InvalidSignature => AuthError::BadSignature,
+                    K::InvalidAlgorithm | K::InvalidAlgorithmName => AuthError::WrongAlgorithm,
+                    K::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
+                    K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => AuthError::MalformedToken,
+                    _ => AuthError::Invalid,
+                }
             })?
             .claims;
         let id = EntityId::new(&claims.sub, "sub").map_err(|_| AuthError::BadSubject)?;
@@ -90,6 +111,54 @@ mod tests {
         h
     }
 
+    fn bearer(raw: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, format!("Bearer {raw}").parse().unwrap());
+        h
+    }
+
+    fn b64(json: &serde_json::Value) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+    }
+
+    /// Tokens an attacker would forge: `alg: none`, an RS256 header over an
+    /// HMAC made with something public, `kid` pointing elsewhere.
+    #[test]
+    fn forged_algorithms_and_headers_are_refused() {
+        use hmac_free::sign;
+        let auth = Authenticator::new(Some(SECRET));
+        let claims = b64(&serde_json::json!({"sub": "u1", "exp": exp(60), "roles": ["moderator"]}));
+        for alg in ["none", "None", "NONE"] {
+            let t = format!("{}.{claims}.", b64(&serde_json::json!({"alg": alg, "typ": "JWT"})));
+            assert!(auth.viewer(&bearer(&t)).is_err(), "alg {alg} accepted");
+            let t = format!("{}.{claims}", b64(&serde_json::json!({"alg": alg})));
+            assert!(auth.viewer(&bearer(&t)).is_err(), "unsigned {alg} accepted");
+        }
+        // RS256 declared, signed with HMAC over a "public key" string.
+        let header = b64(&serde_json::json!({"alg": "RS256", "typ": "JWT"}));
+        let t = sign(&header, &claims, b"-----BEGIN PUBLIC KEY-----");
+        assert_eq!(auth.viewer(&bearer(&t)), Err(AuthError::WrongAlgorithm));
+        // HS256 with a kid naming another key, signed with that other key.
+        let header = b64(&serde_json::json!({"alg": "HS256", "kid": "../../dev/null"}));
+        let t = sign(&header, &claims, b"");
+        assert_eq!(auth.viewer(&bearer(&t)), Err(AuthError::BadSignature));
+        // The real key with a kid still verifies: kid is simply ignored.
+        let t = sign(&header, &claims, SECRET.as_bytes());
+        assert!(auth.viewer(&bearer(&t)).is_ok());
+    }
+
+    /// HS256 signing by hand, through jsonwebtoken's own primitive.
+    mod hmac_free {
+        pub fn sign(header: &str, claims: &str, key: &[u8]) -> String {
+            let message = format!("{header}.{claims}");
+            let key = jsonwebtoken::EncodingKey::from_secret(key);
+            let signature =
+                jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::HS256).unwrap();
+            format!("{message}.{signature}")
+        }
+    }
+
     fn exp(offset: i64) -> i64 {
         chrono::Utc::now().timestamp() + offset
     }
@@ -104,13 +173,17 @@ mod tests {
         let expired = token(SECRET, serde_json::json!({"sub": "u1", "exp": exp(-3600)}), Algorithm::HS256);
         assert_eq!(auth.viewer(&expired), Err(AuthError::Expired));
         let forged = token("another-secret-999999", serde_json::json!({"sub": "u1", "exp": exp(60)}), Algorithm::HS256);
-        assert_eq!(auth.viewer(&forged), Err(AuthError::Invalid));
+        assert_eq!(auth.viewer(&forged), Err(AuthError::BadSignature));
         let other_alg = token(SECRET, serde_json::json!({"sub": "u1", "exp": exp(60)}), Algorithm::HS384);
-        assert_eq!(auth.viewer(&other_alg), Err(AuthError::Invalid));
+        assert_eq!(auth.viewer(&other_alg), Err(AuthError::WrongAlgorithm));
         let no_exp = token(SECRET, serde_json::json!({"sub": "u1"}), Algorithm::HS256);
-        assert_eq!(auth.viewer(&no_exp), Err(AuthError::Invalid));
+        assert_eq!(auth.viewer(&no_exp), Err(AuthError::MissingClaim("exp".into())));
+        let not_yet =
+            token(SECRET, serde_json::json!({"sub": "u1", "exp": exp(3600), "nbf": exp(600)}), Algorithm::HS256);
+        assert_eq!(auth.viewer(&not_yet), Err(AuthError::NotYetValid));
         let long_sub = token(SECRET, serde_json::json!({"sub": "x".repeat(65), "exp": exp(60)}), Algorithm::HS256);
         assert_eq!(auth.viewer(&long_sub), Err(AuthError::BadSubject));
+        assert_eq!(auth.viewer(&bearer("not.a.jwt")), Err(AuthError::MalformedToken));
         let mut basic = HeaderMap::new();
         basic.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(auth.viewer(&basic), Err(AuthError::Malformed));

@@ -10,8 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::events::external::Batch;
+use crate::events::external::{ApplyError, Batch};
 use crate::state::AppState;
+
+/// Largest body: 100 events of the longest keys and ids fit in a quarter of this.
+pub const MAX_EVENTS_BODY_BYTES: usize = 64 * 1024;
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "errors": [{ "message": message, "extensions": { "code": code } }] }))).into_response()
@@ -44,6 +47,13 @@ pub async fn receive(
     }
     let body = match body {
         Ok(body) => body,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                &format!("an events body is at most {MAX_EVENTS_BODY_BYTES} bytes; send fewer events per request"),
+            )
+        }
         Err(r) => return error(r.status(), "BAD_REQUEST", &r.body_text()),
     };
     let batch: Batch = match serde_json::from_slice(&body) {
@@ -56,7 +66,8 @@ pub async fn receive(
     };
     match state.events.apply_external(events).await {
         Ok(applied) => (StatusCode::OK, Json(applied)).into_response(),
-        Err(e) => {
+        Err(e @ ApplyError::KeyReused { .. }) => error(StatusCode::CONFLICT, "CONFLICT", &e.to_string()),
+        Err(ApplyError::Store(e)) => {
             tracing::error!(error = %e, "applying external events failed");
             error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "events could not be applied; redeliver them")
         }

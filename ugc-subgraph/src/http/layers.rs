@@ -68,7 +68,8 @@ pub fn too_many_requests(refusal: &Refusal) -> Response {
     h.insert("ratelimit-limit", HeaderValue::from(burst));
     h.insert("ratelimit-remaining", HeaderValue::from(0));
     h.insert("ratelimit-reset", HeaderValue::from(retry));
-    if let Ok(policy) = HeaderValue::from_str(&format!("{burst};w={};policy=\"{}\"", burst.div_ceil(per_sec), refusal.limit))
+    if let Ok(policy) =
+        HeaderValue::from_str(&format!("{burst};w={};policy=\"{}\"", burst.div_ceil(per_sec), refusal.limit))
     {
         h.insert("ratelimit-policy", policy);
     }
@@ -128,7 +129,9 @@ impl EventsKey {
     fn key<T>(request: &axum::http::Request<T>) -> String {
         match bearer(request.headers()) {
             Some(token) => format!("t{}", fingerprint(token)),
-            None => format!("a{}", request.extensions().get::<ClientAddr>().map_or(IpAddr::from([127, 0, 0, 1]), |c| c.0)),
+            None => {
+                format!("a{}", request.extensions().get::<ClientAddr>().map_or(IpAddr::from([127, 0, 0, 1]), |c| c.0))
+            }
         }
     }
 }

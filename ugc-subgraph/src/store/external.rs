@@ -7,9 +7,19 @@
 use super::{Store, StoreError};
 use crate::events::{Event, RemovalCause};
 
+/// What became of one external event.
+#[derive(Debug)]
+pub enum ExternalOutcome {
+    /// Applied now: the outbox event id and the event.
+    Applied(i64, Event),
+    /// The same key, kind and subject were applied before: nothing changes.
+    Duplicate,
+    /// The key was used before for another kind or subject: nothing changes.
+    KeyReused,
+}
+
 impl Store {
-    /// Applies one external event. `Ok(None)` when its key was seen before
-    /// (nothing changes); otherwise the outbox event id and the event.
+    /// Applies one external event, once per key.
     ///
     /// # Errors
     /// Postgres unavailable or failing.
@@ -18,7 +28,7 @@ impl Store {
         key: &str,
         cause: RemovalCause,
         subject: &str,
-    ) -> Result<Option<(i64, Event)>, StoreError> {
+    ) -> Result<ExternalOutcome, StoreError> {
         let mut tx = self.timed("begin", self.primary.begin()).await?;
         let kind = match cause {
             RemovalCause::UserRemoved => "user_removed",
@@ -28,15 +38,26 @@ impl Store {
             .timed(
                 "insert_external_event",
                 sqlx::query_scalar(
-                    "INSERT INTO external_events (event_key, kind) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+                    "INSERT INTO external_events (event_key, kind, subject) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING RETURNING 1",
                 )
                 .bind(key)
                 .bind(kind)
+                .bind(subject)
                 .fetch_optional(&mut *tx),
             )
             .await?;
         if fresh.is_none() {
-            return Ok(None);
+            let (seen_kind, seen_subject): (String, Option<String>) = self
+                .timed(
+                    "external_event_by_key",
+                    sqlx::query_as("SELECT kind, subject FROM external_events WHERE event_key = $1")
+                        .bind(key)
+                        .fetch_one(&mut *tx),
+                )
+                .await?;
+            let same = seen_kind == kind && seen_subject.as_deref().is_none_or(|s| s == subject);
+            return Ok(if same { ExternalOutcome::Duplicate } else { ExternalOutcome::KeyReused });
         }
         let column = match cause {
             RemovalCause::UserRemoved => "author_id",
@@ -78,6 +99,6 @@ impl Store {
         };
         let id = self.append(&mut tx, &event).await?;
         self.timed("commit", tx.commit()).await?;
-        Ok(Some((id, event)))
+        Ok(ExternalOutcome::Applied(id, event))
     }
 }

@@ -8,6 +8,7 @@ mod gateway;
 mod http_surface;
 mod lifecycle;
 mod mutations;
+mod protection;
 mod reads;
 mod schema;
 mod seed;
