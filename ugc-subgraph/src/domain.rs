@@ -246,8 +246,13 @@ impl PageSize {
 
 /// Parses the API's review id (the decimal row id).
 pub fn parse_review_id(raw: &str) -> Result<i64, InvalidInput> {
+    // Canonical only: the decimal form the service issues. "0110", "+110"
+    // or " 110" would otherwise name review 110 under another id (and
+    // another cache key).
+    let canonical =
+        !raw.is_empty() && raw.len() <= 19 && raw.bytes().all(|b| b.is_ascii_digit()) && !raw.starts_with('0');
     match raw.parse::<i64>() {
-        Ok(id) if id > 0 && !raw.starts_with('+') => Ok(id),
+        Ok(id) if canonical && id > 0 => Ok(id),
         _ => Err(InvalidInput::ReviewId),
     }
 }
@@ -255,6 +260,33 @@ pub fn parse_review_id(raw: &str) -> Result<i64, InvalidInput> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// A review id is accepted only in the one form the service issues.
+        #[test]
+        fn review_ids_are_canonical(raw in ".{0,45}") {
+            if let Ok(id) = parse_review_id(&raw) {
+                proptest::prop_assert_eq!(id.to_string(), raw);
+            }
+        }
+
+        #[test]
+        fn every_issued_review_id_parses(id in 1i64..i64::MAX) {
+            proptest::prop_assert_eq!(parse_review_id(&id.to_string()), Ok(id));
+            let (zero, plus) = (format!("0{id}"), format!("+{id}"));
+            proptest::prop_assert!(parse_review_id(&zero).is_err() && parse_review_id(&plus).is_err());
+        }
+
+        /// Entity ids: any string of 1 to 64 characters without NUL, kept as is.
+        #[test]
+        fn entity_ids_are_opaque_and_bounded(raw in "\\PC{0,70}") {
+            let n = raw.chars().count();
+            match EntityId::new(&raw, "id") {
+                Ok(id) => proptest::prop_assert!(id.as_str() == raw && (1..=64).contains(&n)),
+                Err(_) => proptest::prop_assert!(n == 0 || n > 64 || raw.contains('\0')),
+            }
+        }
+    }
 
     #[test]
     fn rating_bounds() {

@@ -121,6 +121,44 @@ mod tests {
         }
     }
 
+    fn any_order() -> impl proptest::strategy::Strategy<Value = ReviewOrder> {
+        proptest::sample::select(vec![
+            ReviewOrder::Newest,
+            ReviewOrder::Oldest,
+            ReviewOrder::HighestRating,
+            ReviewOrder::LowestRating,
+        ])
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends, decoding answers (never panics), and
+        /// what it accepts is a cursor of the expected list.
+        #[test]
+        fn decoding_anything_never_panics(raw in ".{0,600}", order in any_order()) {
+            let scope = ListScope::Offer("o".into());
+            if let Ok(c) = Cursor::decode(&raw, &scope, order) {
+                proptest::prop_assert_eq!(c.scope, scope);
+                proptest::prop_assert_eq!(c.order, order);
+            }
+        }
+
+        /// Base64 of arbitrary bytes (past the first gate) is refused cleanly too.
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = Cursor::decode(&URL_SAFE_NO_PAD.encode(&bytes), &ListScope::Author("a".into()), ReviewOrder::Newest);
+        }
+
+        #[test]
+        fn every_cursor_round_trips(
+            id in "[^\\x00]{1,64}", rating in 1i16..=5, micros in 0i64..4_102_444_800_000_000, row in 1i64..i64::MAX,
+            order in any_order(), author in proptest::bool::ANY,
+        ) {
+            let scope = if author { ListScope::Author(id) } else { ListScope::Offer(id) };
+            let c = Cursor { scope: scope.clone(), order, position: Position { rating, created_at_micros: micros, id: row } };
+            proptest::prop_assert_eq!(Cursor::decode(&c.encode(), &scope, order), Ok(c));
+        }
+    }
+
     #[test]
     fn round_trips_even_with_colons_in_ids() {
         let scope = ListScope::Offer("weird:id:with:colons".into());

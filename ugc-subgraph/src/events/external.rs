@@ -128,3 +128,46 @@ impl Events {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Any body: parsing and validation answer, never panic; whatever
+        /// validates has a bounded batch of bounded keys and ids.
+        #[test]
+        fn any_events_body_is_answered(body in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            if let Ok(batch) = serde_json::from_slice::<Batch>(&body) {
+                let _ = batch.validate();
+            }
+        }
+
+        #[test]
+        fn validated_events_respect_the_bounds(
+            key in ".{0,140}", subject in ".{0,70}", offer in proptest::bool::ANY, n in 0usize..120,
+        ) {
+            let one = if offer {
+                serde_json::json!({ "type": "offer_removed", "key": key, "offerId": subject })
+            } else {
+                serde_json::json!({ "type": "user_removed", "key": key, "userId": subject })
+            };
+            let body = serde_json::json!({ "events": vec![one; n] });
+            let batch: Batch = serde_json::from_value(body).unwrap();
+            match batch.validate() {
+                Ok(events) => {
+                    proptest::prop_assert!((1..=MAX_BATCH).contains(&events.len()));
+                    for e in events {
+                        proptest::prop_assert!((1..=128).contains(&e.key.chars().count()));
+                        proptest::prop_assert!((1..=64).contains(&e.subject.as_str().chars().count()));
+                    }
+                }
+                Err(_) => {
+                    let bad_key = key.is_empty() || key.chars().count() > 128;
+                    let bad_subject = subject.is_empty() || subject.chars().count() > 64 || subject.contains('\0');
+                    proptest::prop_assert!(n == 0 || n > MAX_BATCH || bad_key || bad_subject);
+                }
+            }
+        }
+    }
+}

@@ -527,6 +527,20 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any text: the analysis answers (refusal, unparsable or admitted),
+        /// never panics, however the brackets and fragments are arranged.
+        #[test]
+        fn any_query_text_is_answered(query in "[{}()\\[\\]a-z.:$ \"#\n]{0,300}|(fragment F on Q \\{ \\.\\.\\.F \\}|query \\{ \\.\\.\\.F a \\}){1,5}") {
+            let guard = CostGuard::new(limits());
+            if let (Verdict::Analysed(a), _) = guard.analyse(&query) {
+                if let Ok(a) = &*a {
+                    let _ = a.admit(None, &Variables::default(), guard.limits());
+                }
+            }
+        }
+    }
+
     #[test]
     fn mutations_are_recognised_by_the_executed_operation() {
         let doc = "query Q { __typename } mutation M { deleteReview(id: \"1\") }";

@@ -39,6 +39,11 @@ async fn publish<T>(ctx: &Context<'_>, committed: Committed<T>) -> T {
     committed.value
 }
 
+/// An id the service did not issue names no review.
+fn unknown_review() -> ApiError {
+    ApiError::NotFound("review not found".into())
+}
+
 #[Object]
 impl Mutation {
     /// The caller (JWT subject) reviews an offer; one review per user and offer.
@@ -65,7 +70,7 @@ impl Mutation {
         input: UpdateReviewInput,
     ) -> Result<ReviewObject, ApiError> {
         let viewer = writer(ctx)?;
-        let id = parse_review_id(&id)?;
+        let id = parse_review_id(&id).map_err(|_| unknown_review())?;
         let patch = ReviewPatch {
             rating: input.rating.map(|r| Rating::new(r.into())).transpose()?,
             text: input.text.as_deref().map(ReviewText::new).transpose()?,
@@ -80,7 +85,7 @@ impl Mutation {
     /// Soft delete; only the author or a moderator. True when a review was deleted.
     async fn delete_review(&self, ctx: &Context<'_>, id: ID) -> Result<bool, ApiError> {
         let viewer = writer(ctx)?;
-        let id = parse_review_id(&id)?;
+        let id = parse_review_id(&id).map_err(|_| unknown_review())?;
         let committed = ctx.data_unchecked::<Store>().delete_review(viewer, id).await?;
         Ok(publish(ctx, committed).await)
     }
@@ -91,7 +96,7 @@ impl Mutation {
         if !viewer.is_moderator() {
             return Err(ApiError::Forbidden("only moderators may moderate reviews".into()));
         }
-        let id = parse_review_id(&id)?;
+        let id = parse_review_id(&id).map_err(|_| unknown_review())?;
         let committed = ctx.data_unchecked::<Store>().moderate_review(id, status).await?;
         Ok(ReviewObject(publish(ctx, committed).await.into()))
     }

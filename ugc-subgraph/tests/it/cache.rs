@@ -95,13 +95,19 @@ async fn negative_results_get_the_shorter_ttl() {
     let app = TestApp::start_with(&[("UGC_CACHE_NEGATIVE_TTL_SECS", "5"), ("UGC_CACHE_MAX_STALE_SECS", "1")]).await;
     let id =
         create(&app, "alice", "offer-x", 4, "present").await["data"]["createReview"]["id"].as_str().unwrap().to_owned();
-    app.gql(&format!("{{ a: review(id: \"{id}\") {{ id }} b: review(id: \"999999\") {{ id }} }}"), json!({})).await;
+    let read = format!("{{ a: review(id: \"{id}\") {{ id }} b: review(id: \"999999\") {{ id }} }}");
+    app.gql(&read, json!({})).await;
     let client = redis::Client::open(crate::support::redis_url()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     let ttl = |key: String| {
         let mut conn = conn.clone();
         async move { redis::cmd("PTTL").arg(key).query_async::<i64>(&mut conn).await.unwrap() }
     };
+    // An unknown id read once stays out of Redis (a random-id scan must not
+    // fill it); read again after L1 lost it, it is shared.
+    assert_eq!(ttl(format!("{}:v1:r:999999", app.prefix)).await, -2, "no L2 entry for a first negative read");
+    app.state.cache.invalidate_all_local();
+    app.gql(&read, json!({})).await;
     let positive = ttl(format!("{}:v1:r:{id}", app.prefix)).await;
     let negative = ttl(format!("{}:v1:r:999999", app.prefix)).await;
     println!("PTTL positive {positive} ms, negative {negative} ms");

@@ -66,6 +66,12 @@ impl Gateway {
         }
         req.send().await.unwrap().json().await.unwrap()
     }
+
+    /// A query as if an edge proxy in front of the gateway had forwarded it for `client`.
+    async fn query_for(&self, client: &str, query: &str) -> Value {
+        let req = self.client.post(&self.url).header("x-forwarded-for", client).json(&json!({ "query": query }));
+        req.send().await.unwrap().json().await.unwrap()
+    }
 }
 
 #[tokio::test]
@@ -130,4 +136,30 @@ async fn federated_queries_and_mutations_through_the_gateway() {
     // The same through the subgraph directly, for good measure.
     let again = create(&app, "gw-user", "offer-000003", 1, "twice").await;
     assert_eq!(error_code(&again), Some("CONFLICT"));
+}
+
+#[tokio::test]
+async fn rate_limits_follow_the_client_the_gateway_forwards() {
+    // The gateway runs on 127.0.0.1 and is trusted; it appends its peer to
+    // X-Forwarded-For, so the subgraph limits the client, not the gateway.
+    let app = TestApp::start_with(&[
+        ("UGC_TRUSTED_PROXIES", "127.0.0.1"),
+        ("UGC_RATE_LIMIT_READ_PER_SEC", "1"),
+        ("UGC_RATE_LIMIT_READ_BURST", "3"),
+    ])
+    .await;
+    app.seed(5, 20, 40).await;
+    let gateway = Gateway::start(&app).await;
+    let query = "{ offers(first: 1) { id rating { count } } }";
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(gateway.query_for("203.0.113.50", query).await);
+    }
+    let limited = |a: &Value| a.to_string().contains("RATE_LIMITED") || a.to_string().contains("429");
+    assert!(answers[..3].iter().all(|a| a["errors"].is_null()), "{answers:?}");
+    assert!(answers[3..].iter().all(limited), "the client's budget is spent: {answers:?}");
+    // Another client behind the same gateway is not affected.
+    let other = gateway.query_for("203.0.113.51", query).await;
+    assert!(other["errors"].is_null(), "{other}");
+    assert!(app.metric("ugc_rate_limited_total", &["quota=\"read\""]).await >= 2.0);
 }
