@@ -2,11 +2,16 @@
 """ugc-subgraph benchmark (`make bench`): real Postgres, real Redis, release build.
 
 1. Seeds `ugc_bench` (10,000 offers, 1,000,000 reviews, Zipf) unless already seeded.
-2. Throughput, cache on vs `UGC_CACHE=off`, in one run: wrk (1 thread, 16
-   connections; far cheaper than k6 on 2 cores) POSTs the gateway's
-   `_entities` query for 20 Zipf-drawn offers straight at one instance.
-   Prints requests/s, p50/p95/p99, hit rate per layer, SQL statements per
-   request, and the on/off ratio.
+2. Throughput, cache on vs `UGC_CACHE=off`, and protection on vs off, in one
+   run: wrk (1 thread, 16 connections; far cheaper than k6 on 2 cores) POSTs
+   the gateway's `_entities` query for 20 Zipf-drawn offers straight at one
+   instance, as 1,000 clients behind a trusted proxy (X-Forwarded-For).
+   "Protection on" is the production stack with per-client read quotas of
+   1,000/s shared through Redis; "off" is `UGC_RATE_LIMIT=off` and no
+   concurrency limit. Prints requests/s, p50/p95/p99, hit rate per layer,
+   SQL statements per request, and the ratios.
+   Then the rate limiter's accuracy: one client spread over two instances,
+   far above a 200/s quota for 10 s; admitted against the single budget.
 3. Warm restart: restarts the instance (same Redis key prefix) under the same
    load and reports the seconds until the L1 hit rate is back at 80 %, with
    the hot-key warm-up and, for comparison, without it (fresh prefix).
@@ -92,7 +97,7 @@ class Instance:
 def wrk(port, seconds):
     out = sh("wrk", "-t1", "-c16", f"-d{seconds}s", "--timeout", "5s", "-s",
              os.path.join(ROOT, "scripts", "bench", "entities.lua"), f"http://127.0.0.1:{port}",
-             env=dict(os.environ, BENCH_OFFERS=str(OFFERS)))
+             env=dict(os.environ, BENCH_OFFERS=str(OFFERS), BENCH_CLIENTS=str(CLIENTS)))
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
@@ -100,8 +105,15 @@ def rate(hit, miss):
     return hit / (hit + miss) if hit + miss else 0.0
 
 
-def throughput(mode, port, prefix):
-    inst = Instance(port, prefix, UGC_CACHE=mode)
+CLIENTS = 1000
+PROTECTION = {
+    "on": {"UGC_TRUSTED_PROXIES": "127.0.0.1", "UGC_RATE_LIMIT_READ_PER_SEC": "1000", "UGC_RATE_LIMIT_READ_BURST": "2000"},
+    "off": {"UGC_RATE_LIMIT": "off", "UGC_MAX_CONCURRENT_REQUESTS": "100000"},
+}
+
+
+def throughput(mode, port, prefix, protection="on"):
+    inst = Instance(port, prefix, UGC_CACHE=mode, **PROTECTION[protection])
     try:
         wrk(port, 5)  # warm-up: JIT of the pools, caches filled (cache on)
         before = scrape(port)
@@ -115,6 +127,9 @@ def throughput(mode, port, prefix):
     l2 = [delta(before, after, "ugc_cache_requests_total", 'layer="l2"', f'result="{r}"') for r in ("hit", "stale", "miss")]
     result.update(
         mode=mode,
+        protection=protection,
+        rate_limited=delta(before, after, "ugc_rate_limited_total"),
+        budget_calls=delta(before, after, "ugc_rate_limit_budget_calls_total") / reqs,
         entity_hit=rate(ent[0], ent[1]),
         l1_hit=rate(l1[0] + l1[1], l1[2]),
         l2_hit=rate(l2[0] + l2[1], l2[2]),
@@ -211,6 +226,36 @@ def invalidation_lag():
             "k6_ok": out.returncode == 0, "k6_tail": out.stdout[-1500:] + out.stderr[-500:]}
 
 
+def limiter_accuracy(seconds=10, per_sec=200):
+    """One client alternating between two instances (one key prefix), far
+    above its quota: how close the admitted count is to the one budget."""
+    import http.client
+    prefix = f"bench-rl-{int(time.time())}"
+    env = {"UGC_RATE_LIMIT_READ_PER_SEC": str(per_sec), "UGC_RATE_LIMIT_READ_BURST": str(per_sec)}
+    a, b = Instance(4121, prefix, **env), Instance(4122, prefix, **env)
+    body = json.dumps({"query": "{ __typename }"})
+    conns = [http.client.HTTPConnection("127.0.0.1", p, timeout=5) for p in (a.port, b.port)]
+    counts, sent, t0 = {}, 0, time.time()
+    try:
+        while time.time() - t0 < seconds and sent < 200_000:
+            c = conns[sent % 2]
+            c.request("POST", "/graphql", body, {"content-type": "application/json"})
+            r = c.getresponse()
+            r.read()
+            counts[r.status] = counts.get(r.status, 0) + 1
+            sent += 1
+        elapsed = time.time() - t0
+    finally:
+        for c in conns:
+            c.close()
+        a.stop()
+        b.stop()
+    expected = per_sec + per_sec * elapsed
+    ok = counts.get(200, 0)
+    return {"sent": sent, "ok": ok, "limited": counts.get(429, 0), "other": sent - ok - counts.get(429, 0),
+            "expected": expected, "error": (ok - expected) / expected, "seconds": elapsed, "per_sec": per_sec}
+
+
 def main():
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
@@ -221,18 +266,29 @@ def main():
         print(sh(BIN, "seed", "--offers", str(OFFERS), "--users", str(USERS), "--reviews", str(REVIEWS), "--seed", "42",
                  env=dict(os.environ, DATABASE_URL=DB_URL, RUST_LOG="error")).strip())
     run = int(time.time())
-    rows = [throughput("on", 4101, f"bench-{run}"), throughput("off", 4102, f"bench-off-{run}")]
-    on, off = rows
+    rows = [throughput("on", 4101, f"bench-{run}"), throughput("on", 4105, f"bench-unprot-{run}", protection="off"),
+            throughput("off", 4102, f"bench-off-{run}")]
+    on, unprotected, off = rows
     print(f"\nThroughput: wrk -t1 -c16 -d{DURATION}s, _entities for 20 Zipf-drawn offers (rating + 5 reviews), "
-          f"{OFFERS:,} offers / {REVIEWS:,} reviews, one instance, 2 cores shared with wrk\n")
-    print("| cache | req/s | p50 ms | p95 ms | p99 ms | errors | entity hit | L1 hit | L2 hit | SQL stmts/req |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{OFFERS:,} offers / {REVIEWS:,} reviews, {CLIENTS:,} clients via X-Forwarded-For, one instance, "
+          f"2 cores shared with wrk\n")
+    print("| cache | protection | req/s | p50 ms | p95 ms | p99 ms | errors | entity hit | L1 hit | L2 hit | SQL stmts/req | limiter Redis calls/req |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['mode']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
-              f"{r['entity_hit']:.1%} | {r['l1_hit']:.1%} | {r['l2_hit']:.1%} | {r['sql_per_req']:.3f} |")
+        print(f"| {r['mode']} | {r['protection']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['errors']} | {r['entity_hit']:.1%} | {r['l1_hit']:.1%} | {r['l2_hit']:.1%} | {r['sql_per_req']:.3f} | "
+              f"{r['budget_calls']:.4f} |")
     print("\n(entity hit: rendered `_entities` fragments; L1/L2 hit: per data key looked up, i.e. on entity misses)")
-    print(f"\non/off throughput ratio: {on['rps'] / max(off['rps'], 1):.1f}×   "
+    print(f"\ncache on/off throughput ratio: {on['rps'] / max(off['rps'], 1):.1f}×   "
           f"p99 ratio (off/on): {off['p99_ms'] / max(on['p99_ms'], 1e-9):.1f}×")
+    print(f"protection on/off throughput: {on['rps'] / max(unprotected['rps'], 1):.1%} "
+          f"({on['rps']:,.0f} vs {unprotected['rps']:,.0f} req/s; p99 {on['p99_ms']:.2f} vs {unprotected['p99_ms']:.2f} ms); "
+          f"requests refused: {on['rate_limited']:.0f}")
+
+    acc = limiter_accuracy()
+    print(f"\nRate limiter across two instances (one client alternating, quota {acc['per_sec']}/s, burst {acc['per_sec']}, "
+          f"{acc['seconds']:.1f} s): {acc['ok']:,} admitted of {acc['sent']:,} sent ({acc['limited']:,} refused with 429, "
+          f"{acc['other']} other); one budget allows {acc['expected']:,.0f}: error {acc['error']:+.1%}")
 
     warm = recovery(4103, f"bench-warm-{run}", "restart after 12 s of load, same prefix (hot keys warmed, L2 kept)", True)
     cold = recovery(4104, f"bench-cold-{run}", "first start, fresh prefix (nothing to warm, empty L2)", False)

@@ -1,8 +1,11 @@
 -- wrk script: POST the federated `_entities` query the gateway sends for 20
 -- offers (rating + first 5 reviews with author ids), offers drawn from a
 -- Zipf law over offer-000001..offer-NNNNNN (the seed's popularity law).
--- Prints one JSON line of results when done.
+-- Prints one JSON line of results when done. With BENCH_CLIENTS=N, each
+-- request carries `X-Forwarded-For: 10.x.y.z` for one of N clients, as a
+-- trusted gateway would send it (the rate limiter then keys N clients).
 local N = tonumber(os.getenv("BENCH_OFFERS") or "10000")
+local CLIENTS = tonumber(os.getenv("BENCH_CLIENTS") or "0")
 local PER_REQUEST, BODIES = 20, 4000
 local query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { average count distribution } reviews(first: 5) { totalCount edges { node { id rating text author { id } } } } } } }"
 
@@ -31,7 +34,12 @@ end
 
 request = function()
   i = i % BODIES + 1
-  return wrk.format("POST", "/graphql", { ["content-type"] = "application/json" }, bodies[i])
+  local headers = { ["content-type"] = "application/json" }
+  if CLIENTS > 0 then
+    local c = i % CLIENTS
+    headers["x-forwarded-for"] = string.format("10.%d.%d.%d", math.floor(c / 65536) % 256, math.floor(c / 256) % 256, c % 256)
+  end
+  return wrk.format("POST", "/graphql", headers, bodies[i])
 end
 
 done = function(summary, latency, requests)
