@@ -17,10 +17,10 @@ SHARED ?= ../shared
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-run: services release db ## Set up everything, seed a small dataset, serve on 127.0.0.1:4001
+run: services release db ## Set up everything, seed a small dataset, serve on 127.0.0.1:4001 (GraphiQL and introspection on)
 	$(BIN) seed $(SEED_ARGS)
 	@echo "GraphiQL: http://$(UGC_LISTEN)/graphql"
-	$(BIN) serve
+	UGC_GRAPHIQL=on UGC_INTROSPECTION=on $(BIN) serve
 
 test: services gateway-deps clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end)
 	$(CARGO) test --workspace --locked

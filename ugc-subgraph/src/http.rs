@@ -49,10 +49,10 @@ pub fn build_router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(events::MAX_EVENTS_BODY_BYTES));
     if limits.enabled {
         graphql_route = graphql_route
-            .layer::<_, Infallible>(from_fn_with_state(state.clone(), layers::shared_read_limit))
+            .layer::<_, Infallible>(from_fn_with_state(Arc::clone(limits), layers::shared_read_limit))
             .layer(layers::governor(&limits.read, layers::ClientKey));
         events_route = events_route
-            .layer::<_, Infallible>(from_fn_with_state(state.clone(), layers::shared_events_limit))
+            .layer::<_, Infallible>(from_fn_with_state(Arc::clone(limits), layers::shared_events_limit))
             .layer(layers::governor(&limits.events, layers::EventsKey));
     }
     if config.http.graphiql {
@@ -68,7 +68,7 @@ pub fn build_router(state: AppState) -> Router {
     }
     router
         .layer(DefaultBodyLimit::max(config.http.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), layers::resolve_client))
+        .layer(from_fn_with_state(Arc::clone(&state.clients), layers::resolve_client))
         .layer(CatchPanicLayer::custom(graphql::panic_response))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -10,14 +10,21 @@
 //! - [`cli`]: the `ugc-subgraph` binary's subcommands (serve, migrate, seed, print-schema).
 //! - [`config`]: every setting, from the environment, validated at start-up.
 //! - [`state`]: [`state::AppState`], built once and shared by all requests.
-//! - [`server`], [`shutdown`]: serving a listener; SIGTERM drains in-flight requests.
-//! - [`http`]: routes and tower layers; bearer-token auth ([`http::auth`]).
+//! - [`server`], [`shutdown`]: the connection loop (connection cap, header-read timeout); SIGTERM
+//!   drains in-flight requests.
+//! - [`http`]: routes and the protection stack's tower layers ([`http::layers`]: client address,
+//!   rate limits, load shedding); bearer-token auth ([`http::auth`]); trusted proxies ([`http::client`]).
+//! - [`ratelimit`]: the quotas, per instance (governor) and shared by all instances (GCRA in Redis,
+//!   spent locally in chunks).
 //! - [`graphql`]: the schema (contract + federation entities); resolvers only call loaders and the store;
+//!   [`graphql::cost`] refuses costly documents before execution (never expanding fragments);
 //!   [`graphql::entity_cache`] answers the gateway's entity fetches from coherent rendered fragments.
 //! - [`loaders`]: the only read path of resolvers; L1 fast path, DataLoader batching across requests,
 //!   where the cache meets the store; the stale-read detector.
-//! - [`cache`]: the tiered cache (moka L1, Redis L2): fenced fills, single-flight, leases, breaker,
-//!   stale serving, XFetch, hot keys; knows nothing about SQL.
+//! - [`cache`]: the tiered cache (moka L1, Redis L2): fenced fills, single-flight, leases,
+//!   stale serving, XFetch, hot keys, negative results on their own budget; knows nothing about SQL.
+//! - [`redis`]: the instance's one Redis client (timeouts, circuit breaker), shared by L2 and the
+//!   rate limits.
 //! - [`store`]: all SQL: batched reads, keyset pages, transactional writes, seeding.
 //! - [`domain`]: entities, validation rules, permissions, cursors (pure code).
 //! - [`events`]: entity-change events, the cascade rule, the outbox relay, the LISTEN/NOTIFY fan-out,

@@ -25,6 +25,7 @@ const HOT_KEY_RECORD_INTERVAL: Duration = Duration::from_secs(5);
 /// How often rate limiters forget clients that went quiet.
 const LIMITER_CLEAN_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Cloned for every request (axum's `State`): every field is a handle.
 #[derive(Clone)]
 pub struct AppState {
     /// Validated settings.
@@ -34,7 +35,7 @@ pub struct AppState {
     /// The executable schema, holding the shared DataLoader.
     pub schema: UgcSchema,
     /// Verifies bearer tokens.
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// The read cache (the schema's loaders hold the same one); the event
     /// pipeline invalidates through it.
     pub cache: ReadCache,
@@ -48,7 +49,7 @@ pub struct AppState {
     /// Rate limits: per instance, and shared through Redis when it is configured.
     pub limits: Arc<RateLimits>,
     /// Finds the real client of a request behind trusted proxies.
-    pub clients: ClientResolver,
+    pub clients: Arc<ClientResolver>,
     /// Query cost limits, with each query text's analysis kept.
     pub cost: Arc<CostGuard>,
 }
@@ -68,7 +69,7 @@ impl AppState {
         };
         let loaders = Loaders::build(&config, store.clone(), redis.clone(), Arc::clone(&metrics));
         let limits = Arc::new(RateLimits::new(&config, redis.as_ref(), &metrics));
-        let clients = ClientResolver::new(config.auth.trusted_proxies.clone());
+        let clients = Arc::new(ClientResolver::new(config.auth.trusted_proxies.clone()));
         let cost = Arc::new(CostGuard::new(config.graphql.clone()));
         let cache = loaders.cache.clone();
         let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics));
@@ -79,7 +80,7 @@ impl AppState {
             Arc::clone(&metrics),
         ));
         let schema = graphql::build(store.clone(), loaders, events.clone(), config.domain.clone(), &config.graphql);
-        let auth = Authenticator::new(config.auth.jwt_secret.as_deref());
+        let auth = Arc::new(Authenticator::new(config.auth.jwt_secret.as_deref()));
         Ok(Self {
             config: Arc::new(config),
             store,

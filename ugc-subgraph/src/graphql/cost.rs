@@ -193,7 +193,10 @@ fn cost(node: &Node, variables: &Variables, representations: &mut u64) -> u64 {
 /// one lookup.
 pub struct CostGuard {
     limits: GraphqlConfig,
-    analyses: moka::sync::Cache<String, Arc<Result<Analysis, CostError>>>,
+    /// Keyed by the whole text (no hash collision can confuse two
+    /// queries); foldhash, because SipHash over every query text showed in
+    /// the cached path's profile.
+    analyses: moka::sync::Cache<String, Arc<Result<Analysis, CostError>>, foldhash::fast::RandomState>,
 }
 
 /// The outcome of looking at a query text.
@@ -210,7 +213,7 @@ impl CostGuard {
             analyses: moka::sync::Cache::builder()
                 .max_capacity(ANALYSES_MAX_BYTES)
                 .weigher(|q: &String, _| u32::try_from(q.len() + 256).unwrap_or(u32::MAX))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 

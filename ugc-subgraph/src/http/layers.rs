@@ -32,11 +32,14 @@ use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
-use super::client::ClientAddr;
+use super::client::{ClientAddr, ClientResolver};
 use crate::config::Quota;
-use crate::ratelimit::{fingerprint, Limit, Refusal};
+use crate::ratelimit::{fingerprint, Limit, RateLimits, Refusal};
 use crate::state::AppState;
 use crate::telemetry::metrics::Metrics;
+
+/// How often the per-instance limiters drop the state of idle clients.
+const FORGET_IDLE_CLIENTS: Duration = Duration::from_secs(60);
 
 /// A GraphQL-shaped error body.
 pub fn error_body(code: &str, message: &str) -> serde_json::Value {
@@ -76,6 +79,14 @@ pub fn too_many_requests(refusal: &Refusal) -> Response {
     response
 }
 
+/// A refusal sent before the request body was read: the connection cannot
+/// be reused (its unread body is in the way), so the client is told to
+/// open a new one instead of finding this one closed under its next request.
+fn unread(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// 503 with `Retry-After`: the service is overloaded or a dependency is.
 pub fn unavailable(message: &str) -> Response {
     let mut response = json(StatusCode::SERVICE_UNAVAILABLE, &error_body("SERVICE_UNAVAILABLE", message));
@@ -84,8 +95,8 @@ pub fn unavailable(message: &str) -> Response {
 }
 
 /// Sets [`ClientAddr`] on every request.
-pub async fn resolve_client(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    next.run(state.clients.resolve(request)).await
+pub async fn resolve_client(State(clients): State<Arc<ClientResolver>>, request: Request, next: Next) -> Response {
+    next.run(clients.resolve(request)).await
 }
 
 fn client_of(request: &Request) -> IpAddr {
@@ -93,18 +104,18 @@ fn client_of(request: &Request) -> IpAddr {
 }
 
 /// The read budget shared by all instances (after the per-instance one).
-pub async fn shared_read_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match state.limits.read.check_shared(&client_of(&request).to_string()).await {
+pub async fn shared_read_limit(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
+    match limits.read.check_shared(&client_of(&request).to_string()).await {
         Ok(()) => next.run(request).await,
-        Err(refusal) => too_many_requests(&refusal),
+        Err(refusal) => unread(too_many_requests(&refusal)),
     }
 }
 
 /// The events budget shared by all instances (after the per-instance one).
-pub async fn shared_events_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match state.limits.events.check_shared(&EventsKey::key(&request)).await {
+pub async fn shared_events_limit(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
+    match limits.events.check_shared(&EventsKey::key(&request)).await {
         Ok(()) => next.run(request).await,
-        Err(refusal) => too_many_requests(&refusal),
+        Err(refusal) => unread(too_many_requests(&refusal)),
     }
 }
 
@@ -161,10 +172,23 @@ where
         .burst_size(burst.max(1))
         .finish()
         .expect("a period and a burst above zero");
+    // Clients that went quiet are forgotten (bounded memory), until the
+    // router holding the limiter is dropped.
+    let limiter = Arc::downgrade(config.limiter());
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(FORGET_IDLE_CLIENTS);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(limiter) = limiter.upgrade() else { return };
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    });
     let limit = Arc::clone(limit);
     GovernorLayer::new(config).error_handler(move |error| match error {
         GovernorError::TooManyRequests { wait_time, .. } => {
-            too_many_requests(&limit.refused_locally(Duration::from_secs(wait_time)))
+            unread(too_many_requests(&limit.refused_locally(Duration::from_secs(wait_time))))
         }
         _ => json(StatusCode::INTERNAL_SERVER_ERROR, &error_body("INTERNAL_SERVER_ERROR", "internal error")),
     })
@@ -184,7 +208,9 @@ pub fn shedding(
                 let metrics = Arc::clone(&metrics);
                 async move {
                     metrics.load_shed.inc();
-                    unavailable("the service is at its concurrency limit (UGC_MAX_CONCURRENT_REQUESTS); retry shortly")
+                    unread(unavailable(
+                        "the service is at its concurrency limit (UGC_MAX_CONCURRENT_REQUESTS); retry shortly",
+                    ))
                 }
             }))
             .layer(LoadShedLayer::new())

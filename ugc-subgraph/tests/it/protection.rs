@@ -80,6 +80,7 @@ async fn a_refusal_is_a_clean_429_that_costs_no_sql_cache_or_parsing() {
     assert_eq!(headers["ratelimit-limit"], "3");
     assert_eq!(headers["ratelimit-remaining"], "0");
     assert!(headers.contains_key("ratelimit-reset") && headers.contains_key("ratelimit-policy"));
+    assert_eq!(headers["connection"], "close", "refused before its body was read: the client reconnects");
     assert!(headers["content-type"].to_str().unwrap().starts_with("application/json"));
     assert_eq!(error_code(&body), Some("RATE_LIMITED"));
     assert_eq!(body["errors"][0]["extensions"]["retryAfter"], retry);
