@@ -136,34 +136,19 @@ impl RateLimits {
     pub fn new(config: &Config, redis: Option<&RedisClient>, metrics: &Arc<Metrics>) -> Self {
         let c = &config.rate_limit;
         let shared = redis.map(|r| (config.cache.prefix.as_str(), r));
+        let limit = |name, setting, quota, chunk| Arc::new(Limit::new(name, setting, quota, chunk, shared, metrics));
         Self {
             enabled: c.enabled,
-            read: Arc::new(Limit::new(
-                "read",
-                "UGC_RATE_LIMIT_READ_PER_SEC / _BURST",
-                c.read,
-                SharedBudget::read_chunk(c.read),
-                shared,
-                metrics,
-            )),
+            read: limit("read", "UGC_RATE_LIMIT_READ_PER_SEC / _BURST", c.read, SharedBudget::read_chunk(c.read)),
             // Writes ask Redis every time: they are few, and exactness matters more.
-            write: Arc::new(Limit::new("write", "UGC_RATE_LIMIT_WRITE_PER_SEC / _BURST", c.write, 1, shared, metrics)),
-            user_write: Arc::new(Limit::new(
-                "user_write",
-                "UGC_RATE_LIMIT_USER_WRITE_PER_SEC / _BURST",
-                c.user_write,
-                1,
-                shared,
-                metrics,
-            )),
-            events: Arc::new(Limit::new(
+            write: limit("write", "UGC_RATE_LIMIT_WRITE_PER_SEC / _BURST", c.write, 1),
+            user_write: limit("user_write", "UGC_RATE_LIMIT_USER_WRITE_PER_SEC / _BURST", c.user_write, 1),
+            events: limit(
                 "events",
                 "UGC_RATE_LIMIT_EVENTS_PER_SEC / _BURST",
                 c.events,
                 SharedBudget::read_chunk(c.events),
-                shared,
-                metrics,
-            )),
+            ),
         }
     }
 

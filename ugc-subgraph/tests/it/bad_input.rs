@@ -9,8 +9,9 @@ const UPDATE: &str = "mutation($id: ID!, $input: UpdateReviewInput!) { updateRev
 const DELETE: &str = "mutation($id: ID!) { deleteReview(id: $id) }";
 const PAGE: &str = "query($first: Int, $after: String) { offer(id: \"offer-x\") { reviews(first: $first, after: $after) { totalCount } } }";
 
-/// Everything a bad request could have changed.
-async fn fingerprint(app: &TestApp) -> (String, i64, String) {
+/// Everything a bad request could have changed: rows, events, aggregates,
+/// and what the caches hold.
+async fn fingerprint(app: &TestApp) -> (String, i64, String, usize, f64) {
     let reviews: String =
         sqlx::query_scalar("SELECT coalesce(md5(string_agg(r::text, ',' ORDER BY id)), '') FROM reviews r")
             .fetch_one(&app.db)
@@ -21,7 +22,13 @@ async fn fingerprint(app: &TestApp) -> (String, i64, String) {
             .fetch_one(&app.db)
             .await
             .unwrap();
-    (reviews, app.count("SELECT count(*) FROM outbox").await, aggregates)
+    (
+        reviews,
+        app.count("SELECT count(*) FROM outbox").await,
+        aggregates,
+        app.redis_keys().await,
+        app.metric("ugc_l1_entries", &[]).await,
+    )
 }
 
 #[tokio::test]

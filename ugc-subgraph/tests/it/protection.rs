@@ -441,29 +441,6 @@ async fn page_hit_rate(app: &TestApp, reads: usize, flood: bool, seed: &mut u64)
     (h1 - h0) / ((h1 - h0) + (m1 - m0)).max(1.0)
 }
 
-async fn redis_keys(prefix: &str) -> usize {
-    let client = deadpool_redis::redis::Client::open(crate::support::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cursor = 0u64;
-    let mut count = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = deadpool_redis::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        count += keys.len();
-        if next == 0 {
-            return count;
-        }
-        cursor = next;
-    }
-}
-
 #[tokio::test]
 async fn a_random_id_flood_neither_fills_redis_nor_evicts_the_hot_set() {
     let app = TestApp::start_with(&[("UGC_L1_MAX_BYTES", "1048576")]).await;
@@ -471,9 +448,9 @@ async fn a_random_id_flood_neither_fills_redis_nor_evicts_the_hot_set() {
     let mut seed = 42;
     page_hit_rate(&app, 300, false, &mut seed).await; // warm
     let quiet = page_hit_rate(&app, 400, false, &mut seed).await;
-    let keys_before = redis_keys(&app.prefix).await;
+    let keys_before = app.redis_keys().await;
     let flooded = page_hit_rate(&app, 400, true, &mut seed).await;
-    let keys_after = redis_keys(&app.prefix).await;
+    let keys_after = app.redis_keys().await;
     println!("L1 page hit rate: {:.1} % quiet, {:.1} % under a flood of 8,000 unknown ids; Redis keys {keys_before} → {keys_after}", quiet * 100.0, flooded * 100.0);
     assert!(quiet - flooded <= 0.05, "hit rate fell from {quiet:.3} to {flooded:.3}");
     assert!(keys_after - keys_before < 400, "8,000 unknown ids left {} Redis keys", keys_after - keys_before);

@@ -143,6 +143,30 @@ impl TestApp {
             .sum()
     }
 
+    /// Cache keys in Redis under this deployment's prefix (a maintenance
+    /// `SCAN`; rate-limit state aside).
+    pub async fn redis_keys(&self) -> usize {
+        let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (mut cursor, mut count) = (0u64, 0);
+        loop {
+            let (next, keys): (u64, Vec<String>) = deadpool_redis::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            count += keys.iter().filter(|k| !k.contains(":rl:")).count();
+            if next == 0 {
+                return count;
+            }
+            cursor = next;
+        }
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
     }
