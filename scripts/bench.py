@@ -10,8 +10,12 @@
    1,000/s shared through Redis; "off" is `UGC_RATE_LIMIT=off` and no
    concurrency limit. Prints requests/s, p50/p95/p99, hit rate per layer,
    SQL statements per request, and the ratios.
-   Then the rate limiter's accuracy: one client spread over two instances,
-   far above a 200/s quota for 10 s; admitted against the single budget.
+   Protection on/off again as 3 alternating pairs of 8 s (the ratio from
+   one pair is at the mercy of this shared machine's noise). Then the rate
+   limiter's accuracy: one client spread over two instances, far above a
+   200/s quota for 10 s; admitted against the single budget.
+   Then overload: 16 → 512 → 16 connections against a concurrency limit of
+   32, cache on and off: shed requests, admitted latency, recovery.
 3. Warm restart: restarts the instance (same Redis key prefix) under the same
    load and reports the seconds until the L1 hit rate is back at 80 %, with
    the hot-key warm-up and, for comparison, without it (fresh prefix).
@@ -70,11 +74,17 @@ def delta(before, after, prefix, *labels):
     return total(after, prefix, *labels) - total(before, prefix, *labels)
 
 
+# The load generators are one client on 127.0.0.1: quotas it never reaches,
+# unless a measurement sets its own (protection, limiter accuracy).
+UNLIMITED = {f"UGC_RATE_LIMIT_{q}_{p}": "10000000" for q in ("READ", "WRITE", "USER_WRITE") for p in ("PER_SEC", "BURST")}
+
+
 class Instance:
     def __init__(self, port, prefix, **env):
         self.port = port
         full = dict(os.environ, DATABASE_URL=DB_URL, REDIS_URL=REDIS, UGC_LISTEN=f"127.0.0.1:{port}",
-                    UGC_JWT_SECRET=SECRET, UGC_CACHE_PREFIX=prefix, RUST_LOG="warn", UGC_STALE_CHECK_RATE="0")
+                    UGC_JWT_SECRET=SECRET, UGC_CACHE_PREFIX=prefix, RUST_LOG="warn", UGC_STALE_CHECK_RATE="0",
+                    **UNLIMITED)
         full.update(env)
         self.proc = subprocess.Popen([BIN, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(200):
@@ -256,6 +266,21 @@ def limiter_accuracy(seconds=10, per_sec=200):
             "expected": expected, "error": (ok - expected) / expected, "seconds": elapsed, "per_sec": per_sec}
 
 
+def protection_pairs(pairs=3, seconds=8):
+    """Protection on and off alternately (fresh instance each, warmed 4 s):
+    one pair of 20 s runs is at the mercy of this shared machine's noise."""
+    out = {"on": [], "off": []}
+    for i in range(pairs):
+        for mode in ("off", "on"):
+            inst = Instance(4141, f"bench-ab-{mode}-{i}-{int(time.time())}", **PROTECTION[mode])
+            try:
+                wrk(4141, 4)
+                out[mode].append(wrk(4141, seconds))
+            finally:
+                inst.stop()
+    return out
+
+
 def latency_quantiles(before, after, q, *labels):
     """A quantile of ugc_graphql_request_seconds between two scrapes (server side)."""
     buckets = {}
@@ -329,6 +354,13 @@ def main():
     print(f"protection on/off throughput: {on['rps'] / max(unprotected['rps'], 1):.1%} "
           f"({on['rps']:,.0f} vs {unprotected['rps']:,.0f} req/s; p99 {on['p99_ms']:.2f} vs {unprotected['p99_ms']:.2f} ms); "
           f"requests refused: {on['rate_limited']:.0f}")
+
+    ab = protection_pairs()
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    on_rps, off_rps = mean(ab["on"], "rps"), mean(ab["off"], "rps")
+    print(f"protection on/off, {len(ab['on'])} alternating pairs of 8 s: {on_rps:,.0f} vs {off_rps:,.0f} req/s "
+          f"({on_rps / off_rps:.1%}); p99 {mean(ab['on'], 'p99_ms'):.2f} vs {mean(ab['off'], 'p99_ms'):.2f} ms; "
+          f"runs on {[round(r['rps']) for r in ab['on']]}, off {[round(r['rps']) for r in ab['off']]}")
 
     acc = limiter_accuracy()
     print(f"\nRate limiter across two instances (one client alternating, quota {acc['per_sec']}/s, burst {acc['per_sec']}, "

@@ -25,8 +25,9 @@ use crate::redis::RedisClient;
 use crate::telemetry::metrics::Metrics;
 
 /// Unspent tokens are given up after this long: an instance a client has
-/// left must not hold its budget back for long.
-pub const CHUNK_LIFETIME: Duration = Duration::from_secs(1);
+/// left must not hold its budget back for long. (They were taken from the
+/// budget when granted, so holding them never lets a client exceed it.)
+pub const CHUNK_LIFETIME: Duration = Duration::from_secs(5);
 /// Keys remembered per instance (idle ones are forgotten).
 const MAX_CLIENTS: u64 = 100_000;
 const CLIENT_IDLE: Duration = Duration::from_secs(60);
@@ -78,7 +79,7 @@ pub struct SharedBudget {
     key_prefix: String,
     redis: RedisClient,
     script: redis::Script,
-    slots: moka::sync::Cache<String, Arc<tokio::sync::Mutex<Slot>>>,
+    slots: moka::sync::Cache<String, Arc<tokio::sync::Mutex<Slot>>, foldhash::fast::RandomState>,
     metrics: Arc<Metrics>,
 }
 
@@ -98,7 +99,10 @@ impl SharedBudget {
             key_prefix: format!("{prefix}:rl:{name}:"),
             redis,
             script: redis::Script::new(TAKE),
-            slots: moka::sync::Cache::builder().max_capacity(MAX_CLIENTS).time_to_idle(CLIENT_IDLE).build(),
+            slots: moka::sync::Cache::builder()
+                .max_capacity(MAX_CLIENTS)
+                .time_to_idle(CLIENT_IDLE)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             metrics,
         }
     }
