@@ -476,8 +476,7 @@ impl<S: Source> Inner<S> {
         let mut remaining: Vec<usize> = (0..keys.len()).filter(|&i| !found.contains_key(&keys[i])).collect();
         let mut leased: Vec<String> = Vec::new();
         if let (Some(l2), Some(tokens), false) = (&self.l2, &l2_tokens, remaining.is_empty()) {
-            let lease_keys: Vec<String> =
-                remaining.iter().map(|&i| format!("{}:lease", keys[i].redis_key(prefix))).collect();
+            let lease_keys: Vec<String> = remaining.iter().map(|&i| keys[i].lease_key(prefix)).collect();
             let entry_keys: Vec<String> = remaining.iter().map(|&i| keys[i].redis_key(prefix)).collect();
             if let Some(replies) = l2.lease(&lease_keys, &entry_keys, self.config.lease, &self.owner).await {
                 let now = now_ms();

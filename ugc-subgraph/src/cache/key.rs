@@ -110,6 +110,16 @@ impl CacheKey {
     }
 }
 
+impl CacheKey {
+    /// The Redis key of the entry's load lease. Its own namespace (`lease`
+    /// is no kind of entry): an entry key with a suffix would let an offer
+    /// named `X:lease` take offer `X`'s lease.
+    pub fn lease_key(&self, prefix: &str) -> String {
+        let entry = self.redis_key(prefix);
+        format!("{prefix}:lease:{}", &entry[prefix.len() + 1..])
+    }
+}
+
 impl Tag {
     /// The Redis key holding the tag's current invalidation token. Not
     /// versioned: old and new deploys share invalidations.
@@ -182,6 +192,35 @@ mod tests {
         assert_eq!(rendered.len(), keys.len());
         assert!(rendered.iter().all(|k| k.starts_with(&format!("t1:v{SCHEMA_VERSION}:"))));
         assert_eq!(keys[1].tag(), keys[3].tag(), "an offer's rating and pages share its tag");
+    }
+
+    /// Every key is (kind, id) with the id last and the kind fixed: no id,
+    /// however shaped, names another key, a lease or a tag.
+    #[test]
+    fn no_id_can_collide_with_another_key() {
+        let size = PageSize::new(5).unwrap();
+        let ids = ["X", "X:lease", "lease", "X:", ":X", "v1:rt:X", "g:o:X", "X\n", "", "rl:read:X", "po:n:5:-:X"];
+        let mut all = std::collections::HashSet::new();
+        let mut count = 0;
+        for id in ids {
+            let keys = [
+                CacheKey::Rating(id.into()),
+                CacheKey::AuthorCount(id.into()),
+                page_key(ListScope::Offer(id.into()), ReviewOrder::Newest, size, None),
+                page_key(ListScope::Author(id.into()), ReviewOrder::Newest, size, None),
+            ];
+            for key in &keys {
+                all.insert(key.redis_key("p"));
+                all.insert(key.lease_key("p"));
+                all.insert(key.tag().redis_key("p"));
+                count += 3;
+            }
+        }
+        // Tags are shared by an offer's rating and pages (and an author's
+        // count and pages): 2 shared tags per id.
+        assert_eq!(all.len(), count - 2 * ids.len());
+        assert_ne!(CacheKey::Rating("X:lease".into()).redis_key("p"), CacheKey::Rating("X".into()).lease_key("p"));
+        assert!(CacheKey::Review(7).lease_key("p").starts_with("p:lease:"));
     }
 
     #[test]

@@ -28,6 +28,24 @@ end
 return stored
 ";
 
+/// Moves each tag's token forward to ARGV[1] (an event id), never back: a
+/// retried or late invalidation with an older id must not revive entries a
+/// newer one invalidated. Ids are compared as decimal strings (length, then
+/// text), exact beyond 2^53 where Lua's numbers are not. The TTL is renewed
+/// either way. KEYS: tag keys. ARGV: token, ttl ms.
+const ADVANCE_TOKENS: &str = r"
+local t, ttl = ARGV[1], ARGV[2]
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if not cur or #t > #cur or (#t == #cur and t > cur) then
+    redis.call('SET', KEYS[i], t, 'PX', ttl)
+  else
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return #KEYS
+";
+
 /// One fill: the entry, its tag's key, the token read before the load.
 pub struct Fill {
     pub entry_key: String,
@@ -141,17 +159,19 @@ impl L2 {
             .await;
     }
 
-    /// Sets each tag's token to `token` (unique and increasing: an outbox
-    /// event id), which invalidates every entry filled under an older token.
-    /// The token outlives every entry (`ttl`), so an expired token can never
-    /// bring an old entry back.
+    /// Moves each tag's token forward to `token` (unique and increasing: an
+    /// outbox event id), atomically and never back, which invalidates every
+    /// entry filled under an older token. The token outlives every entry
+    /// (`ttl`), so an expired token can never bring an old entry back.
     pub async fn invalidate(&self, tag_keys: &[String], token: u64, ttl: Duration) -> bool {
+        let script = redis::Script::new(ADVANCE_TOKENS);
         self.call("invalidate", |mut c| async move {
-            let mut pipe = redis::pipe();
+            let mut invocation = script.prepare_invoke();
             for key in tag_keys {
-                pipe.cmd("SET").arg(key).arg(token).arg("PX").arg(ttl.as_millis() as u64).ignore();
+                invocation.key(key);
             }
-            pipe.query_async::<()>(&mut c).await
+            invocation.arg(token.to_string()).arg(ttl.as_millis().max(1) as u64);
+            invocation.invoke_async::<i64>(&mut c).await
         })
         .await
         .is_some()

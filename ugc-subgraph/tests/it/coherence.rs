@@ -403,3 +403,25 @@ async fn processed_outbox_rows_are_pruned_and_pending_ones_kept() {
     assert_eq!(pruned, 2);
     assert!(a.count("SELECT count(*) FROM outbox").await >= 1, "the recent event is kept, processed or not");
 }
+
+/// A retried or late invalidation carrying an older event id must not move
+/// a tag's token back: that would revive entries a newer write invalidated.
+#[tokio::test]
+async fn a_late_out_of_order_invalidation_never_revives_old_entries() {
+    let a = TestApp::start_with(&[("UGC_ENTITY_CACHE", "off")]).await;
+    let id = create(&a, "alice", "offer-late", 3, "first text").await["data"]["createReview"]["id"].clone();
+    let first_event: i64 = a.count("SELECT max(id) FROM outbox").await;
+    let page = "query { offer(id: \"offer-late\") { reviews(first: 5) { edges { node { text } } } } }";
+    // Fill L2 under the first event's token.
+    assert_eq!(a.gql(page, json!({})).await["data"]["offer"]["reviews"]["edges"][0]["node"]["text"], "first text");
+    let edit = "mutation($id: ID!) { updateReview(id: $id, input: { text: \"second text\" }) { id } }";
+    let edited = a.gql_as(Some(&token("alice", &[])), edit, json!({ "id": id })).await;
+    assert!(edited["errors"].is_null(), "{edited}");
+    // The first invalidation arrives again, late (a relay retry).
+    let tag = ugc_subgraph::cache::Tag::Offer("offer-late".into());
+    assert!(a.state.cache.invalidate_shared(&[tag], first_event as u64).await);
+    // A fresh instance reads L2: the entry filled under the first token must stay dead.
+    let b = TestApp::start_on(&a.db_url, &[("UGC_ENTITY_CACHE", "off")]).await;
+    let seen = b.gql(page, json!({})).await;
+    assert_eq!(seen["data"]["offer"]["reviews"]["edges"][0]["node"]["text"], "second text", "{seen}");
+}

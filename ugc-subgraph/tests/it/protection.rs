@@ -69,7 +69,7 @@ async fn a_refusal_is_a_clean_429_that_costs_no_sql_cache_or_parsing() {
         assert_eq!(post_from(&app, None, RATING).await.0, 200);
     }
     let before = (
-        read_statements(&app).await,
+        app.read_statements().await,
         app.metric("ugc_cache_requests_total", &[]).await,
         app.metric("ugc_graphql_request_seconds_count", &[]).await,
     );
@@ -91,7 +91,7 @@ async fn a_refusal_is_a_clean_429_that_costs_no_sql_cache_or_parsing() {
         assert_eq!(post_from(&app, None, RATING).await.0, 429);
     }
     let after = (
-        read_statements(&app).await,
+        app.read_statements().await,
         app.metric("ugc_cache_requests_total", &[]).await,
         app.metric("ugc_graphql_request_seconds_count", &[]).await,
     );
@@ -195,17 +195,6 @@ async fn events_are_limited_per_token() {
     assert_eq!(app.count("SELECT count(*) FROM external_events").await, 2);
 }
 
-/// SQL statements of the read path (the relay's background polling aside).
-async fn read_statements(app: &TestApp) -> f64 {
-    let mut total = 0.0;
-    for statement in
-        ["offer_ratings", "reviews_by_ids", "author_review_counts", "offer_review_pages", "author_review_pages"]
-    {
-        total += app.metric("ugc_sql_statements_total", &[&format!("statement=\"{statement}\"")]).await;
-    }
-    total
-}
-
 /// Sends `body` and returns (status, code, seconds it took).
 async fn bomb(app: &TestApp, body: &Value) -> (u16, Option<String>, f64) {
     let started = Instant::now();
@@ -267,7 +256,7 @@ async fn query_bombs_are_refused_before_execution_without_delaying_others() {
             slowest
         })
     };
-    let sql_before = read_statements(&app).await;
+    let sql_before = app.read_statements().await;
     let cache_before = app.metric("ugc_cache_requests_total", &["kind=\"review\""]).await;
     for _round in 0..3 {
         for (name, body, code) in &cases {
@@ -281,7 +270,7 @@ async fn query_bombs_are_refused_before_execution_without_delaying_others() {
     let slowest = reader.await.unwrap();
     println!("slowest concurrent cached read during the bombs: {:.1} ms", slowest * 1000.0);
     assert!(slowest < 1.0, "a cached read waited {slowest:.3} s behind the bombs");
-    assert_eq!(read_statements(&app).await, sql_before, "a bomb reached SQL");
+    assert_eq!(app.read_statements().await, sql_before, "a bomb reached SQL");
     assert_eq!(app.metric("ugc_cache_requests_total", &["kind=\"review\""]).await, cache_before);
     assert!(app.metric("ugc_cost_rejections_total", &["limit=\"fields\""]).await >= 6.0);
     // A fine query of the same shapes still runs.

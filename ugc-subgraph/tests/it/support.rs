@@ -133,6 +133,18 @@ impl TestApp {
             .sum()
     }
 
+    /// SQL statements of the read path only (the relays' background
+    /// polling aside), from `/metrics`.
+    pub async fn read_statements(&self) -> f64 {
+        let mut total = 0.0;
+        for statement in
+            ["offer_ratings", "reviews_by_ids", "author_review_counts", "offer_review_pages", "author_review_pages"]
+        {
+            total += self.metric("ugc_sql_statements_total", &[&format!("statement=\"{statement}\"")]).await;
+        }
+        total
+    }
+
     /// Sum of the samples of a metric whose line starts with `name` and
     /// contains every one of `labels` (e.g. `layer="l2"`).
     pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
