@@ -18,8 +18,11 @@
 //! fragments on `Offer`/`User` (and `__typename`): then the rendering is a
 //! function of the query text and the representation alone.
 //!
-//! It never changes an answer: misses and anything unusual (errors, other
-//! shapes) go through normal execution.
+//! It never changes an answer: misses are rendered by normal execution, one
+//! entity each, and anything unusual (other shapes) goes through normal
+//! execution of the whole request. A render that fails (Postgres down) is
+//! this request's answer for its entity, errors included: it is not run a
+//! second time on the normal path.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_graphql::parser::types::{DocumentOperations, OperationType, Selection};
-use async_graphql::{Name, Value as GqlValue, Variables};
+use async_graphql::{Name, PathSegment, Value as GqlValue, Variables};
 use moka::sync::Cache as MokaSync;
 
 use super::{RequestAuth, UgcSchema};
@@ -147,9 +150,11 @@ impl EntityCache {
         });
         let rendered = futures::future::join_all(renders).await;
         let ttl = self.cache.ttl();
+        let mut failed = Vec::new();
         for (&i, (response, deps)) in missing.iter().zip(rendered) {
             if !response.errors.is_empty() {
-                return None;
+                failed.push((i, response));
+                continue;
             }
             let entity = match response.data {
                 GqlValue::Object(mut data) => match data.shift_remove("_entities") {
@@ -172,6 +177,13 @@ impl EntityCache {
             }
             parts[i] = Some(fragment);
         }
+        if !failed.is_empty() {
+            // The failed renders already are this request's answer for their
+            // entities (partial data and errors): assembled, not executed
+            // again on the normal path, which would repeat every failing
+            // load (and, with Postgres down, its whole time-out).
+            return assemble(&parts, failed);
+        }
 
         let mut body = String::with_capacity(32 + parts.iter().flatten().map(|f| f.json.len() + 1).sum::<usize>());
         body.push_str(r#"{"data":{"_entities":["#);
@@ -184,6 +196,39 @@ impl EntityCache {
         body.push_str("]}}");
         Some(body)
     }
+}
+
+/// The whole `_entities` answer when some renders failed: cached and fresh
+/// fragments as they are, each failed render's entity and errors with their
+/// paths moved to the entity's place in the list.
+fn assemble(parts: &[Option<Arc<Fragment>>], failed: Vec<(usize, async_graphql::Response)>) -> Option<String> {
+    let mut entities: Vec<GqlValue> = Vec::with_capacity(parts.len());
+    for part in parts {
+        entities.push(match part {
+            Some(fragment) => serde_json::from_str(&fragment.json).ok()?,
+            None => GqlValue::Null,
+        });
+    }
+    let mut errors = Vec::new();
+    for (i, response) in failed {
+        if let GqlValue::Object(mut data) = response.data {
+            if let Some(GqlValue::List(mut list)) = data.shift_remove("_entities") {
+                entities[i] = list.pop().unwrap_or(GqlValue::Null);
+            }
+        }
+        for mut error in response.errors {
+            if let [PathSegment::Field(root), PathSegment::Index(index), ..] = error.path.as_mut_slice() {
+                if root == "_entities" {
+                    *index = i;
+                }
+            }
+            errors.push(error);
+        }
+    }
+    let data = GqlValue::Object([(Name::new("_entities"), GqlValue::List(entities))].into_iter().collect());
+    let mut response = async_graphql::Response::new(data);
+    response.errors = errors;
+    serde_json::to_string(&response).ok()
 }
 
 /// `{ "__typename": "Offer" | "User", "id": "…" }` and nothing else.

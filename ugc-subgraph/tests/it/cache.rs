@@ -276,3 +276,37 @@ async fn with_the_cache_off_every_read_goes_to_postgres() {
     let health: Value = app.client().get(app.url("/health/ready")).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["cache"], "off");
 }
+
+/// With Postgres failing, an entity fetch answered through the entity cache
+/// fails once — its renders are the answer — and says what the normal path
+/// says; it is not executed a second time.
+#[tokio::test]
+async fn a_failed_entity_fetch_runs_once_and_answers_like_the_normal_path() {
+    let vars = [("UGC_DB_STATEMENT_TIMEOUT_MS", "300")];
+    let fragments = TestApp::start_with(&vars).await;
+    fragments.seed(5, 20, 40).await;
+    let plain = TestApp::start_on(&fragments.db_url, &[vars[0], ("UGC_ENTITY_CACHE", "off")]).await;
+    let query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { count } } } }";
+    let vars = json!({ "representations": offers(1..=3) });
+    let mut lock = fragments.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE offer_ratings IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let failed = ["statement=\"offer_ratings\""];
+    let before = fragments.metric("ugc_sql_errors_total", &failed).await;
+    let cached_path = fragments.gql(query, vars.clone()).await;
+    let after = fragments.metric("ugc_sql_errors_total", &failed).await;
+    assert_eq!(after - before, 1.0, "one failed batch, not two: {cached_path}");
+    let normal_path = plain.gql(query, vars).await;
+    lock.commit().await.unwrap();
+    let shape = |body: &Value| {
+        let mut errors: Vec<(String, String)> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["path"].to_string(), e["extensions"]["code"].as_str().unwrap().to_owned()))
+            .collect();
+        errors.sort();
+        (body["data"].clone(), errors)
+    };
+    assert_eq!(shape(&cached_path), shape(&normal_path), "{cached_path} vs {normal_path}");
+    assert!(cached_path.to_string().contains("SERVICE_UNAVAILABLE"), "{cached_path}");
+}
