@@ -39,8 +39,11 @@ impl Store {
         Ok(id)
     }
 
-    /// Starts a relay transaction and locks up to `limit` unprocessed events
-    /// (only `only` when given); rows other relays hold are skipped.
+    /// Starts a relay transaction and locks up to `limit` unprocessed events;
+    /// rows other relays hold are skipped. With `only` (a writer relaying its
+    /// own event), a row another relay holds is waited for instead: when the
+    /// call returns, that relay has applied it (the row is then processed and
+    /// not returned) or given it back unapplied (it is returned, to apply now).
     ///
     /// # Errors
     /// Postgres unavailable or failing.
@@ -50,19 +53,18 @@ impl Store {
         limit: i64,
     ) -> Result<(Transaction<'static, Postgres>, Vec<OutboxEvent>), StoreError> {
         let mut tx = self.timed("begin", self.primary.begin()).await?;
-        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>)> = self
-            .timed(
-                "claim_outbox",
-                sqlx::query_as(
-                    "SELECT id, event, created_at FROM outbox \
-                     WHERE processed_at IS NULL AND ($1::bigint IS NULL OR id = $1) \
-                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                )
-                .bind(only)
-                .bind(limit)
-                .fetch_all(&mut *tx),
-            )
-            .await?;
+        let sql = match only {
+            None => {
+                "SELECT id, event, created_at FROM outbox WHERE processed_at IS NULL \
+                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+            }
+            Some(_) => {
+                "SELECT id, event, created_at FROM outbox WHERE processed_at IS NULL AND id = $1 \
+                        LIMIT $2 FOR UPDATE"
+            }
+        };
+        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>)> =
+            self.timed("claim_outbox", sqlx::query_as(sql).bind(only).bind(limit).fetch_all(&mut *tx)).await?;
         let mut events = Vec::with_capacity(rows.len());
         for (id, payload, created_at) in rows {
             match serde_json::from_value(payload) {

@@ -425,3 +425,47 @@ async fn a_late_out_of_order_invalidation_never_revives_old_entries() {
     let seen = b.gql(page, json!({})).await;
     assert_eq!(seen["data"]["offer"]["reviews"]["edges"][0]["node"]["text"], "second text", "{seen}");
 }
+
+/// The writer relays its own event before answering. When a background
+/// relay holds that outbox row (it claimed it first), the writer waits for it
+/// to finish instead of answering before L2 is invalidated.
+#[tokio::test]
+async fn the_writer_waits_for_a_relay_that_holds_its_event() {
+    use ugc_subgraph::domain::{EntityId, Rating, ReviewStatus, ReviewText};
+    use ugc_subgraph::events::cascade;
+    use ugc_subgraph::store::NewReview;
+
+    let a = TestApp::start_without_background(&[("UGC_ENTITY_CACHE", "off")]).await;
+    let page = "query { offer(id: \"offer-held\") { rating { count } } }";
+    assert_eq!(a.gql(page, json!({})).await["data"]["offer"]["rating"]["count"], 0, "filled, empty");
+    let new = NewReview {
+        offer_id: EntityId::new("offer-held", "offerId").unwrap(),
+        author_id: EntityId::new("alice", "sub").unwrap(),
+        rating: Rating::new(5).unwrap(),
+        text: ReviewText::new("held").unwrap(),
+        status: ReviewStatus::Published,
+    };
+    let (id, event) = a.state.store.create_review(new).await.unwrap().event.unwrap();
+    let tags = cascade::tags(&event);
+    // A "background relay" claims the row first.
+    let mut relay = a.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM outbox WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *relay).await.unwrap();
+    let events = a.state.events.clone();
+    let writer = {
+        let tags = tags.clone();
+        tokio::spawn(async move { events.after_commit(id, &tags).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writer.is_finished(), "the writer answered while its event was unapplied");
+    // The relay applies it and lets go.
+    assert!(a.state.cache.invalidate_shared(&tags, id as u64).await);
+    sqlx::query("UPDATE outbox SET processed_at = now() WHERE id = $1").bind(id).execute(&mut *relay).await.unwrap();
+    relay.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .expect("the writer finishes once the relay did")
+        .unwrap();
+    // Another instance reads L2: the write is there.
+    let b = TestApp::start_on(&a.db_url, &[("UGC_ENTITY_CACHE", "off")]).await;
+    assert_eq!(b.gql(page, json!({})).await["data"]["offer"]["rating"]["count"], 1);
+}

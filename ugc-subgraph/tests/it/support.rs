@@ -61,6 +61,17 @@ impl TestApp {
 
     /// Starts an instance on an existing database (several instances may share one).
     pub async fn start_on(db_url: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start_instance(db_url, vars, true).await
+    }
+
+    /// An instance without its background relay and listener: a test plays
+    /// their part at exactly the moment it wants.
+    pub async fn start_without_background(vars: &[(&str, &str)]) -> Self {
+        let (_, db_url) = fresh_database().await;
+        Self::start_instance(&db_url, vars, false).await
+    }
+
+    async fn start_instance(db_url: &str, vars: &[(&str, &str)], background: bool) -> Self {
         let prefix = format!("t{}", db_url.rsplit('/').next().unwrap());
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db_url.to_owned()),
@@ -93,7 +104,9 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        state.spawn_background(&stop);
+        if background {
+            state.spawn_background(&stop);
+        }
         tokio::spawn(server::serve(listener, state.clone(), stop.clone().cancelled_owned()));
         let db = PgPool::connect(db_url).await.unwrap();
         Self { addr, db_url: db_url.to_owned(), prefix, db, state, client: reqwest::Client::new(), stop }
