@@ -60,9 +60,19 @@ struct Shape {
     variable: Name,
 }
 
+/// What is known of one query text (with its operation name). The text is
+/// kept and compared on every lookup: two texts whose 64-bit hashes collide
+/// must never share a shape, nor therefore fragments (the later one simply
+/// executes normally).
+struct Known {
+    query: Box<str>,
+    operation: Option<Box<str>>,
+    shape: Option<Shape>,
+}
+
 pub struct EntityCache {
     enabled: bool,
-    shapes: MokaSync<u64, Option<Arc<Shape>>>,
+    shapes: MokaSync<u64, Arc<Known>>,
     fragments: MokaSync<FragmentKey, Arc<Fragment>>,
     cache: ReadCache,
     metrics: Arc<Metrics>,
@@ -92,9 +102,22 @@ impl EntityCache {
     }
 
     /// The query's identity (text and operation name) and its shape.
-    fn shape(&self, query: &str, operation: Option<&str>) -> (u64, Option<Arc<Shape>>) {
+    fn shape(&self, query: &str, operation: Option<&str>) -> (u64, Option<Arc<Known>>) {
         let key = hash(query) ^ operation.map_or(0, |o| hash(o).rotate_left(1));
-        (key, self.shapes.get_with(key, || qualify(query, operation).map(Arc::new)))
+        (key, self.known(key, query, operation))
+    }
+
+    /// The shape stored under `key`, only if it was stored for this very text.
+    fn known(&self, key: u64, query: &str, operation: Option<&str>) -> Option<Arc<Known>> {
+        let known = self.shapes.get_with(key, || {
+            Arc::new(Known {
+                query: query.into(),
+                operation: operation.map(Into::into),
+                shape: qualify(query, operation),
+            })
+        });
+        let same = &*known.query == query && known.operation.as_deref() == operation;
+        (same && known.shape.is_some()).then_some(known)
     }
 
     /// The complete JSON body of `request`, when it qualifies and can be
@@ -109,8 +132,9 @@ impl EntityCache {
         if !self.enabled {
             return None;
         }
-        let (query_key, shape) = self.shape(&request.query, request.operation_name.as_deref());
-        let shape = shape?;
+        let (query_key, known) = self.shape(&request.query, request.operation_name.as_deref());
+        let known = known?;
+        let shape = known.shape.as_ref()?;
         let GqlValue::List(reps) = request.variables.get(&shape.variable)? else { return None };
         let mut keys = Vec::with_capacity(reps.len());
         for rep in reps {
@@ -300,6 +324,23 @@ mod tests {
             "not graphql",
         ] {
             assert!(qualify(bad, None).is_none(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn texts_that_share_a_hash_never_share_a_shape() {
+        let metrics = Arc::new(Metrics::new());
+        let config = crate::config::Config::from_vars([("DATABASE_URL".into(), "postgres://x@h/d".into())]).unwrap();
+        let store = crate::store::Store::connect(&config.database, Arc::clone(&metrics)).unwrap();
+        {
+            let loaders = crate::loaders::Loaders::build(&config, store, None, Arc::clone(&metrics));
+            let cache = EntityCache::new(true, 1 << 20, loaders.cache.clone(), metrics);
+            let a = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id } } }";
+            let b = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on User { id } } }";
+            assert!(cache.known(42, a, None).is_some(), "a qualifies");
+            assert!(cache.known(42, b, None).is_none(), "b collides with a's key: not a's shape");
+            assert!(cache.known(42, a, Some("Op")).is_none(), "another operation name is another query");
+            assert!(cache.known(43, b, None).is_some(), "b under its own key qualifies");
         }
     }
 

@@ -469,3 +469,37 @@ async fn the_writer_waits_for_a_relay_that_holds_its_event() {
     let b = TestApp::start_on(&a.db_url, &[("UGC_ENTITY_CACHE", "off")]).await;
     assert_eq!(b.gql(page, json!({})).await["data"]["offer"]["rating"]["count"], 1);
 }
+
+/// Black-box, over two instances: ids are canonical and opaque. A review id
+/// in any other shape names nothing (a `null` entity, never another review),
+/// and offers whose ids look like another key's suffix keep their own data.
+#[tokio::test]
+async fn ids_are_canonical_and_never_collide_across_instances() {
+    let a = TestApp::start().await;
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let id = create(&a, "alice", "X", 5, "on X").await["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    for (i, offer) in ["X:lease", "X:", "lease", "g:o:X"].iter().enumerate() {
+        assert!(create(&a, &format!("user-{i}"), offer, 1, "elsewhere").await["errors"].is_null());
+    }
+    let rating = "query($o: ID!) { offer(id: $o) { rating { count average } reviews { edges { node { text } } } } }";
+    for app in [&a, &b] {
+        for _ in 0..2 {
+            let x = app.gql(rating, json!({ "o": "X" })).await;
+            assert_eq!(x["data"]["offer"]["rating"], json!({ "count": 1, "average": 5.0 }), "{x}");
+            let lease = app.gql(rating, json!({ "o": "X:lease" })).await;
+            assert_eq!(lease["data"]["offer"]["rating"], json!({ "count": 1, "average": 1.0 }), "{lease}");
+        }
+    }
+    let entities = "query($r: [_Any!]!) { _entities(representations: $r) { ... on Review { id text } } }";
+    for app in [&a, &b] {
+        let shapes = [id.clone(), format!("0{id}"), format!("+{id}"), "1".repeat(40), "no-such-review".into()];
+        let reps: Vec<Value> = shapes.iter().map(|s| json!({ "__typename": "Review", "id": s })).collect();
+        let body = app.gql(entities, json!({ "r": reps })).await;
+        assert!(body["errors"].is_null(), "{body}");
+        let list = body["data"]["_entities"].as_array().unwrap();
+        assert_eq!(list[0]["id"], id.as_str(), "the canonical id answers with that very id");
+        assert!(list[1..].iter().all(Value::is_null), "{body}");
+        let long = app.gql(rating, json!({ "o": "o".repeat(65) })).await;
+        assert_eq!(long["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{long}");
+    }
+}
