@@ -31,7 +31,8 @@ mod l2;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
@@ -127,6 +128,11 @@ struct Inner<S: Source> {
     refresh_tx: mpsc::UnboundedSender<(CacheKey, bool)>,
     /// Identifies this instance's leases.
     owner: String,
+    /// `{prefix}:e{data epoch}`: the namespace of every L2 key (entries,
+    /// tokens, leases, hot keys). A new epoch (after `seed`) is a fresh
+    /// namespace: nothing written before it is read after it.
+    l2_prefix: RwLock<Arc<str>>,
+    epoch: AtomicI64,
     fill_hook: Mutex<Option<FillHook>>,
     metrics: Arc<Metrics>,
 }
@@ -140,6 +146,7 @@ impl<S: Source> Cache<S> {
     pub fn new(config: CacheConfig, redis: Option<RedisClient>, source: S, metrics: Arc<Metrics>) -> Self {
         let l2 = redis.map(L2::new);
         let (refresh_tx, refresh_rx) = mpsc::unbounded_channel();
+        let l2_prefix = format!("{}:e0", config.prefix).into();
         let inner = Arc::new(Inner {
             l1: l1::build(config.l1_max_bytes - config.l1_max_bytes / NEGATIVE_L1_SHARE, Arc::clone(&metrics)),
             l1_negative: l1::build(config.l1_max_bytes / NEGATIVE_L1_SHARE, Arc::clone(&metrics)),
@@ -156,6 +163,10 @@ impl<S: Source> Cache<S> {
             refreshing: Mutex::new(HashSet::new()),
             refresh_tx,
             owner: format!("{}-{}", std::process::id(), rand::rng().random::<u32>()),
+            // Epoch 0 is never a real one (they start at 1): until the real
+            // one is known, this instance shares nothing with the others.
+            l2_prefix: RwLock::new(l2_prefix),
+            epoch: AtomicI64::new(0),
             fill_hook: Mutex::new(None),
             metrics,
         });
@@ -278,13 +289,28 @@ impl<S: Source> Cache<S> {
         self.inner.gens.bump_all();
     }
 
+    /// Moves to the data epoch `epoch` (read from Postgres): a new L2
+    /// namespace, and this instance's L1 dropped. Returns whether it changed.
+    pub fn set_epoch(&self, epoch: i64) -> bool {
+        let inner = &self.inner;
+        if inner.epoch.swap(epoch, Ordering::AcqRel) == epoch {
+            return false;
+        }
+        *inner.l2_prefix.write().unwrap_or_else(|e| e.into_inner()) =
+            format!("{}:e{epoch}", inner.config.prefix).into();
+        inner.gens.bump_all();
+        tracing::info!(epoch, "data epoch changed: new L2 namespace, L1 dropped");
+        true
+    }
+
     /// Invalidates these tags in L2 for every instance, with `token` (a
     /// unique, increasing event id). Returns false when Redis did not take it.
     pub async fn invalidate_shared(&self, tags: &[Tag], token: u64) -> bool {
         let Some(l2) = &self.inner.l2 else {
             return true;
         };
-        let keys: Vec<String> = tags.iter().map(|t| t.redis_key(&self.inner.config.prefix)).collect();
+        let prefix = self.inner.l2_prefix();
+        let keys: Vec<String> = tags.iter().map(|t| t.redis_key(&prefix)).collect();
         l2.invalidate(&keys, token, self.inner.token_ttl()).await
     }
 
@@ -359,6 +385,10 @@ impl<S: Source> Drop for ClaimGuard<'_, S> {
 type Claims<'a, S> = (Vec<CacheKey>, Vec<(CacheKey, watch::Receiver<()>)>, ClaimGuard<'a, S>);
 
 impl<S: Source> Inner<S> {
+    fn l2_prefix(&self) -> Arc<str> {
+        Arc::clone(&self.l2_prefix.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn kind_ttl(&self, key: &CacheKey, value: &CachedValue) -> Duration {
         if value.is_negative() {
             self.config.negative_ttl
@@ -376,7 +406,7 @@ impl<S: Source> Inner<S> {
     }
 
     fn hot_set_key(&self) -> String {
-        format!("{}:v{}:hot", self.config.prefix, key::SCHEMA_VERSION)
+        format!("{}:v{}:hot", self.l2_prefix(), key::SCHEMA_VERSION)
     }
 
     /// `count`: this is the request's first look (count it and the key's
@@ -443,7 +473,9 @@ impl<S: Source> Inner<S> {
         let mut found: HashMap<CacheKey, CachedValue> = HashMap::with_capacity(keys.len());
         let mut stale: HashMap<CacheKey, CachedValue> = HashMap::new();
         let mut l2_tokens: Option<Vec<u64>> = None;
-        let prefix = &self.config.prefix;
+        // Taken with the tokens: a load that straddles an epoch change
+        // fills the old namespace, which nobody reads any more.
+        let prefix = &*self.l2_prefix();
 
         if let (Some(l2), true) = (&self.l2, force) {
             let tag_keys: Vec<String> = keys.iter().map(|k| k.tag().redis_key(prefix)).collect();
@@ -631,8 +663,9 @@ impl<S: Source> Inner<S> {
         let mut served = Vec::new();
         while !waiting.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(LEASE_POLL).await;
-            let entry_keys: Vec<String> = waiting.iter().map(|&i| keys[i].redis_key(&self.config.prefix)).collect();
-            let tag_keys: Vec<String> = waiting.iter().map(|&i| keys[i].tag().redis_key(&self.config.prefix)).collect();
+            let prefix = self.l2_prefix();
+            let entry_keys: Vec<String> = waiting.iter().map(|&i| keys[i].redis_key(&prefix)).collect();
+            let tag_keys: Vec<String> = waiting.iter().map(|&i| keys[i].tag().redis_key(&prefix)).collect();
             let Some((values, current)) = l2.mget(&entry_keys, &tag_keys).await else {
                 break;
             };

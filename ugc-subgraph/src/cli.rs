@@ -80,6 +80,7 @@ const WARM_UP_KEYS: usize = 2_000;
 
 async fn serve(state: AppState) -> anyhow::Result<()> {
     state.store.migrate().await.context("migration failed (is Postgres up? see DATABASE_URL)")?;
+    crate::events::fanout::sync_epoch(&state.events).await;
     let addr = state.config.http.listen;
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (UGC_LISTEN)"))?;

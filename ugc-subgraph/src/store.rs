@@ -125,6 +125,18 @@ impl Store {
         Ok(applied == Some(latest))
     }
 
+    /// The data epoch (see the `data_epoch` migration).
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn data_epoch(&self) -> Result<i64, StoreError> {
+        self.timed(
+            "data_epoch",
+            sqlx::query_scalar("SELECT epoch FROM data_epoch WHERE singleton").fetch_one(&self.primary),
+        )
+        .await
+    }
+
     /// Runs one statement, recording its latency and outcome.
     async fn timed<T>(
         &self,

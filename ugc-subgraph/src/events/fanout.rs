@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cascade;
 use super::relay::{Events, Invalidation, INVALIDATE_CHANNEL};
-use crate::store::outbox::WAKE_CHANNEL;
+use crate::store::outbox::{EPOCH_CHANNEL, WAKE_CHANNEL};
 
 /// Listens until `stop`, reconnecting with back-off.
 pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
@@ -27,11 +27,14 @@ pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([INVALIDATE_CHANNEL, WAKE_CHANNEL]).await {
+        if let Err(e) = listener.listen_all([INVALIDATE_CHANNEL, WAKE_CHANNEL, EPOCH_CHANNEL]).await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             continue;
         }
         backoff = Duration::from_millis(100);
+        // Listening now: an epoch change from here on is notified; one
+        // made before (or while disconnected) is read here.
+        sync_epoch(&events).await;
         if !first {
             lost(&events, "listener reconnected");
         }
@@ -43,6 +46,7 @@ pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
             };
             match received {
                 Ok(Some(n)) if n.channel() == WAKE_CHANNEL => events.wake(),
+                Ok(Some(n)) if n.channel() == EPOCH_CHANNEL => sync_epoch(&events).await,
                 Ok(Some(n)) => apply(&events, n.payload()),
                 // The connection dropped; try_recv reconnects next time.
                 Ok(None) => lost(&events, "listener connection lost"),
@@ -52,6 +56,17 @@ pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+/// Reads the data epoch and moves the cache to it (a failure is retried at
+/// the next reconnect; until then the instance keeps its current epoch).
+pub async fn sync_epoch(events: &Events) {
+    match events.store().data_epoch().await {
+        Ok(epoch) => {
+            events.cache().set_epoch(epoch);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the data epoch"),
     }
 }
 

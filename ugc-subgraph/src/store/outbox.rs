@@ -11,6 +11,8 @@ use crate::events::Event;
 
 /// Channel a write notifies on commit, to wake the relays.
 pub const WAKE_CHANNEL: &str = "ugc_outbox";
+/// Notified (empty payload) when the data epoch changes.
+pub const EPOCH_CHANNEL: &str = "ugc_epoch";
 
 /// An event as stored, with its id (unique, increasing) and commit time.
 #[derive(Debug, Clone)]

@@ -212,6 +212,15 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(q)?;
+        // Every review, aggregate and event id was replaced without an
+        // outbox event (and ids restart): a new data epoch, committed with
+        // the data, tells every instance that no cached value survives it.
+        sqlx::query("UPDATE data_epoch SET epoch = epoch + 1 WHERE singleton").execute(&mut *tx).await.map_err(q)?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(super::outbox::EPOCH_CHANNEL)
+            .execute(&mut *tx)
+            .await
+            .map_err(q)?;
         tx.commit().await.map_err(q)?;
         sqlx::query("ANALYZE reviews, offer_ratings, author_review_counts").execute(&self.primary).await.map_err(q)?;
         Ok(SeedReport { reviews: loaded, elapsed: started.elapsed() })

@@ -105,11 +105,15 @@ async fn negative_results_get_the_shorter_ttl() {
     };
     // An unknown id read once stays out of Redis (a random-id scan must not
     // fill it); read again after L1 lost it, it is shared.
-    assert_eq!(ttl(format!("{}:v1:r:999999", app.prefix)).await, -2, "no L2 entry for a first negative read");
+    assert_eq!(
+        ttl(format!("{}:v1:r:999999", app.l2_prefix().await)).await,
+        -2,
+        "no L2 entry for a first negative read"
+    );
     app.state.cache.invalidate_all_local();
     app.gql(&read, json!({})).await;
-    let positive = ttl(format!("{}:v1:r:{id}", app.prefix)).await;
-    let negative = ttl(format!("{}:v1:r:999999", app.prefix)).await;
+    let positive = ttl(format!("{}:v1:r:{id}", app.l2_prefix().await)).await;
+    let negative = ttl(format!("{}:v1:r:999999", app.l2_prefix().await)).await;
     println!("PTTL positive {positive} ms, negative {negative} ms");
     assert!(negative > 0 && negative <= 6_600, "negative: 5 s ±10 % + 1 s stale, got {negative}");
     assert!(positive > 60_000, "positive review entries live far longer, got {positive}");
@@ -253,7 +257,7 @@ async fn an_undecodable_l2_value_is_a_miss_not_an_error() {
     let client = redis::Client::open(crate::support::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SET")
-        .arg(format!("{}:v1:r:{id}", a.prefix))
+        .arg(format!("{}:v1:r:{id}", a.l2_prefix().await))
         .arg(b"\xff\x00 not postcard".as_slice())
         .query_async(&mut conn)
         .await

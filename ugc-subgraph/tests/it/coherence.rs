@@ -503,3 +503,64 @@ async fn ids_are_canonical_and_never_collide_across_instances() {
         assert_eq!(long["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{long}");
     }
 }
+
+/// `seed` replaces every review without outbox events (and ids restart):
+/// afterwards no instance and no Redis entry may serve pre-seed data, and
+/// writes after it invalidate as before (their event ids start again at 1).
+#[tokio::test]
+async fn after_seed_nothing_from_before_is_served_anywhere() {
+    let a = TestApp::start_with(&[("UGC_ENTITY_CACHE", "off")]).await;
+    a.seed(5, 60, 200).await;
+    let b = TestApp::start_on(&a.db_url, &[("UGC_ENTITY_CACHE", "off")]).await;
+    let view = "{ offer(id: \"offer-000001\") { rating { count } reviews(first: 1) { edges { node { id text } } } } review(id: \"1\") { text } }";
+    let truth = |app: &TestApp| {
+        let db = app.db.clone();
+        async move {
+            let count: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM reviews WHERE offer_id = 'offer-000001' AND status = 'PUBLISHED' AND deleted_at IS NULL",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            let text: Option<String> =
+                sqlx::query_scalar("SELECT body FROM reviews WHERE id = 1").fetch_optional(&db).await.unwrap();
+            (count, text)
+        }
+    };
+    let seen = |v: &Value| {
+        (
+            v["data"]["offer"]["rating"]["count"].as_i64().unwrap(),
+            v["data"]["review"]["text"].as_str().map(str::to_owned),
+        )
+    };
+    // Cached everywhere (L1 of both, L2).
+    for app in [&a, &b] {
+        for _ in 0..2 {
+            assert_eq!(seen(&app.gql(view, json!({})).await), truth(&a).await);
+        }
+    }
+    // Re-seeded with other data: same ids, other contents.
+    a.state
+        .store
+        .seed(ugc_subgraph::store::seed::SeedPlan { offers: 5, users: 60, reviews: 150, seed: 99 })
+        .await
+        .unwrap();
+    let after = truth(&a).await;
+    for app in [&a, &b] {
+        assert!(
+            eventually(WINDOW, async || seen(&app.gql(view, json!({})).await) == after).await,
+            "pre-seed data served"
+        );
+    }
+    let c = TestApp::start_on(&a.db_url, &[("UGC_ENTITY_CACHE", "off")]).await;
+    assert_eq!(seen(&c.gql(view, json!({})).await), after, "a new instance reads no pre-seed entry from Redis");
+    // Writes after the seed (event ids from 1 again) still invalidate everywhere.
+    create(&a, "new-author", "offer-000001", 5, "after the seed").await;
+    let count = after.0 + 1;
+    for app in [&a, &b, &c] {
+        assert!(
+            eventually(WINDOW, async || seen(&app.gql(view, json!({})).await).0 == count).await,
+            "write after seed lost"
+        );
+    }
+}

@@ -101,6 +101,7 @@ impl TestApp {
         let config = Config::from_vars(env).expect("valid test configuration");
         let state = AppState::build(config).unwrap();
         state.store.migrate().await.unwrap();
+        ugc_subgraph::events::fanout::sync_epoch(&state.events).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -166,6 +167,11 @@ impl TestApp {
             .filter(|l| l.starts_with(name) && labels.iter().all(|lab| l.contains(lab)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// The namespace of L2 keys now: the prefix and the data epoch.
+    pub async fn l2_prefix(&self) -> String {
+        format!("{}:e{}", self.prefix, self.count("SELECT epoch FROM data_epoch").await)
     }
 
     /// Cache keys in Redis under this deployment's prefix (a maintenance
