@@ -17,8 +17,10 @@ SHARED ?= ../shared
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-run: services release db ## Set up everything, seed a small dataset, serve on 127.0.0.1:4001 (GraphiQL and introspection on)
-	$(BIN) seed $(SEED_ARGS)
+run: services release db ## Set up everything, seed a small dataset on an empty database (data is kept afterwards; make seed re-seeds), serve on 127.0.0.1:4001 with GraphiQL
+	$(BIN) migrate
+	@if [ "$$(psql "$$DATABASE_URL" -Atc 'SELECT count(*) FROM reviews')" = "0" ]; then $(BIN) seed $(SEED_ARGS); \
+	  else echo "keeping the existing data (make seed to replace it)"; fi
 	@echo "GraphiQL: http://$(UGC_LISTEN)/graphql"
 	UGC_GRAPHIQL=on UGC_INTROSPECTION=on $(BIN) serve
 
