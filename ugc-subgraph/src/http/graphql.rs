@@ -27,6 +27,9 @@ use crate::graphql::RequestAuth;
 use crate::state::AppState;
 
 const JSON: &str = "application/json";
+/// Only a safety net for mutations (see `execute`): far above what their
+/// few statements, each under `UGC_DB_STATEMENT_TIMEOUT_MS`, can take.
+const MUTATION_TIMEOUT_CEILING: std::time::Duration = std::time::Duration::from_secs(300);
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 
 pub async fn execute(
@@ -105,7 +108,12 @@ pub async fn execute(
         }
     }
     let batch = batch.data(auth);
-    let outcome = tokio::time::timeout(state.config.http.request_timeout, state.schema.execute_batch(batch)).await;
+    // A mutation is not cut off by the request time-out: once its
+    // transaction commits, the answer must say so (a 504 for a committed
+    // write makes the client's retry a second write, or a CONFLICT).
+    // Postgres's statement and pool time-outs bound it instead.
+    let timeout = if admitted.mutation { MUTATION_TIMEOUT_CEILING } else { state.config.http.request_timeout };
+    let outcome = tokio::time::timeout(timeout, state.schema.execute_batch(batch)).await;
     state.metrics.in_flight.dec();
     let Ok(mut response) = outcome else {
         observe(&state, operation, "timeout", started);

@@ -148,3 +148,35 @@ async fn concurrent_writers_keep_aggregates_exact() {
         json!({ "count": 40, "average": 3.0, "distribution": [8, 8, 8, 8, 8] })
     );
 }
+
+/// A write that commits after the request time-out is still answered as the
+/// success it is: a 504 would make the client's retry a second write.
+#[tokio::test]
+async fn a_committed_write_is_answered_as_success_even_past_the_request_timeout() {
+    let app = TestApp::start_with(&[("UGC_REQUEST_TIMEOUT_MS", "300")]).await;
+    let id = create(&app, "alice", "offer-slow", 3, "before").await["data"]["createReview"]["id"].clone();
+    // Postgres stalls the write: its row is locked for longer than the time-out.
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM reviews WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str().unwrap().parse::<i64>().unwrap())
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let write = {
+        let (client, url, bearer) = (app.client().clone(), app.url("/graphql"), token("alice", &[]));
+        tokio::spawn(async move {
+            let body = json!({ "query": UPDATE, "variables": { "id": id, "input": { "text": "after" } } });
+            let resp = client.post(&url).bearer_auth(bearer).json(&body).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    lock.commit().await.unwrap();
+    let (status, body) = write.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["updateReview"]["text"], "after", "{body}");
+    assert_eq!(app.count("SELECT count(*) FROM reviews WHERE body = 'after'").await, 1);
+    // Reads keep their time-out.
+    let read = app.gql("{ __typename }", json!({})).await;
+    assert!(read["errors"].is_null());
+}
