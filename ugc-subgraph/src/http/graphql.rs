@@ -92,7 +92,7 @@ pub async fn execute(
     }
     let operation = if admitted.mutation { "mutation" } else { "query" };
 
-    state.metrics.in_flight.inc();
+    let in_flight = InFlight::enter(&state.metrics.in_flight);
     let started = Instant::now();
     // The gateway's entity fetches may be answered from rendered fragments.
     if let BatchRequest::Single(request) = &batch {
@@ -102,7 +102,7 @@ pub async fn execute(
         )
         .await;
         if let Ok(Some(body)) = cached {
-            state.metrics.in_flight.dec();
+            drop(in_flight);
             observe(&state, operation, "ok", started);
             return raw_json_response(format, body);
         }
@@ -114,7 +114,7 @@ pub async fn execute(
     // Postgres's statement and pool time-outs bound it instead.
     let timeout = if admitted.mutation { MUTATION_TIMEOUT_CEILING } else { state.config.http.request_timeout };
     let outcome = tokio::time::timeout(timeout, state.schema.execute_batch(batch)).await;
-    state.metrics.in_flight.dec();
+    drop(in_flight);
     let Ok(mut response) = outcome else {
         observe(&state, operation, "timeout", started);
         return reject(&state, StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "request timed out");
@@ -161,6 +161,23 @@ fn admit(state: &AppState, batch: &mut BatchRequest) -> Result<Admitted, CostErr
     }
     cost::check_request(requests.len(), total.cost, limits)?;
     Ok(total)
+}
+
+/// Counts a request in flight until dropped: also when the client goes away
+/// and its handler is dropped mid-request.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn observe(state: &AppState, operation: &'static str, outcome: &'static str, started: Instant) {

@@ -93,3 +93,30 @@ async fn readiness_fails_while_postgres_is_unreachable() {
     assert_eq!(body["errors"][0]["extensions"]["code"], "SERVICE_UNAVAILABLE", "{body}");
     assert!(!body.to_string().contains("127.0.0.1:1"), "no internals leak: {body}");
 }
+
+/// Clients that give up mid-request do not leave the in-flight gauge up.
+#[tokio::test]
+async fn aborted_requests_leave_nothing_in_flight() {
+    let app = TestApp::start_with(&[("UGC_CACHE", "off")]).await;
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE offer_ratings IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let query = json!({ "query": "{ offer(id: \"x\") { rating { count } } }" });
+    let aborted: Vec<_> = (0..20)
+        .map(|_| {
+            let request = app.client().post(app.url("/graphql")).json(&query).send();
+            tokio::spawn(tokio::time::timeout(std::time::Duration::from_millis(500), request))
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert!(app.metric("ugc_requests_in_flight", &[]).await >= 1.0, "they are in flight");
+    for outcome in futures::future::join_all(aborted).await {
+        assert!(outcome.unwrap().is_err(), "the request should still be waiting on the lock");
+    }
+    // The clients are gone: nothing of theirs stays counted.
+    let settled = crate::support::eventually(std::time::Duration::from_secs(10), async || {
+        app.metric("ugc_requests_in_flight", &[]).await == 0.0
+    })
+    .await;
+    lock.commit().await.unwrap();
+    assert!(settled, "in flight stays at {}", app.metric("ugc_requests_in_flight", &[]).await);
+}
