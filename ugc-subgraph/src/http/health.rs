@@ -1,5 +1,7 @@
 //! Liveness and readiness probes.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -11,14 +13,22 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "status": "alive" }))
 }
 
+/// How long the Postgres check may take: a probe must be answered well
+/// inside an orchestrator's usual 1 s time-out, even when Postgres hangs.
+const POSTGRES_CHECK: Duration = Duration::from_millis(400);
+
 /// Ready when Postgres answers and all migrations are applied.
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let postgres = match state.store.ready().await {
-        Ok(true) => "ok",
-        Ok(false) => "migrations pending",
-        Err(e) => {
+    let postgres = match tokio::time::timeout(POSTGRES_CHECK, state.store.ready()).await {
+        Ok(Ok(true)) => "ok",
+        Ok(Ok(false)) => "migrations pending",
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: postgres check failed");
             "unreachable"
+        }
+        Err(_) => {
+            tracing::warn!("readiness: postgres did not answer within 400 ms");
+            "not answering (timed out after 400 ms)"
         }
     };
     // Redis is optional: its state is reported, it never makes us unready.

@@ -120,3 +120,21 @@ async fn aborted_requests_leave_nothing_in_flight() {
     lock.commit().await.unwrap();
     assert!(settled, "in flight stays at {}", app.metric("ugc_requests_in_flight", &[]).await);
 }
+
+/// A probe is answered within its usual 1 s time-out even when Postgres hangs.
+#[tokio::test]
+async fn readiness_answers_quickly_while_postgres_hangs() {
+    let app = TestApp::start().await;
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let started = std::time::Instant::now();
+    let ready = app.client().get(app.url("/health/ready")).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert!(body["postgres"].as_str().unwrap().contains("timed out"), "{body}");
+    // Loose, for a debug build on a shared machine; it took 2 s and more before.
+    assert!(took < std::time::Duration::from_millis(1500), "readiness took {took:?}");
+    lock.commit().await.unwrap();
+    assert_eq!(app.client().get(app.url("/health/ready")).send().await.unwrap().status(), 200);
+}
