@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := target/release/ugc-subgraph
 SHARED ?= ../shared
 
-.PHONY: help run test bench k6 bench-tools services db build release migrate seed schema contract lint fmt gateway-deps gateway clean-test-dbs
+.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ migrate: services release db ## Apply migrations
 
 seed: services release db ## Seed (SEED_ARGS="--offers N --users M --reviews K --seed S")
 	$(BIN) seed $(SEED_ARGS)
+
+SUB ?= user-000001
+token: release ## Print a development token for mutations (SUB=user-id, MODERATOR=1 for the moderator role)
+	@$(BIN) token --sub $(SUB) $(if $(MODERATOR),--moderator,)
 
 schema: ## Regenerate schema/ugc-subgraph.graphql from the code
 	$(CARGO) run -q -p ugc-subgraph -- print-schema > schema/ugc-subgraph.graphql

@@ -1,5 +1,5 @@
 //! The `ugc-subgraph` command line: `serve` (default), `migrate`, `seed`,
-//! `print-schema`.
+//! `print-schema`, `token` (development tokens).
 
 use std::time::Duration;
 
@@ -38,6 +38,17 @@ enum Command {
     },
     /// Print the federation SDL (what schema/ugc-subgraph.graphql holds).
     PrintSchema,
+    /// Print a development token for mutations, signed with UGC_JWT_SECRET.
+    Token {
+        /// The user id (JWT `sub`).
+        #[arg(long)]
+        sub: String,
+        /// Add the `moderator` role.
+        #[arg(long)]
+        moderator: bool,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
 }
 
 /// Runs the command line.
@@ -53,6 +64,11 @@ pub async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::from_env().context("invalid configuration")?;
+    if let Command::Token { sub, moderator, ttl_secs } = &command {
+        let secret = config.auth.jwt_secret.as_deref().context("UGC_JWT_SECRET is not set: nothing to sign with")?;
+        println!("{}", crate::http::auth::issue(secret, sub, *moderator, *ttl_secs)?);
+        return Ok(());
+    }
     telemetry::init(config.log_format);
     let state = AppState::build(config).context("cannot set up the database and cache clients")?;
     match command {
@@ -70,7 +86,7 @@ pub async fn run() -> anyhow::Result<()> {
             );
         }
         Command::Serve => serve(state).await?,
-        Command::PrintSchema => unreachable!("handled above"),
+        Command::PrintSchema | Command::Token { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
