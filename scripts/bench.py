@@ -111,6 +111,21 @@ def wrk(port, seconds, connections=16):
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
+def cpu_seconds(pid):
+    """User + system CPU of a process so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(inst, seconds):
+    """A wrk run with the server's CPU per request."""
+    c0 = cpu_seconds(inst.proc.pid)
+    r = wrk(inst.port, seconds)
+    r["cpu_us_per_req"] = (cpu_seconds(inst.proc.pid) - c0) * 1e6 / max(r["requests"], 1)
+    return r
+
+
 def rate(hit, miss):
     return hit / (hit + miss) if hit + miss else 0.0
 
@@ -127,7 +142,7 @@ def throughput(mode, port, prefix, protection="on"):
     try:
         wrk(port, 5)  # warm-up: JIT of the pools, caches filled (cache on)
         before = scrape(port)
-        result = wrk(port, DURATION)
+        result = measured(inst, DURATION)
         after = scrape(port)
     finally:
         inst.stop()
@@ -275,7 +290,7 @@ def protection_pairs(pairs=3, seconds=8):
             inst = Instance(4141, f"bench-ab-{mode}-{i}-{int(time.time())}", **PROTECTION[mode])
             try:
                 wrk(4141, 4)
-                out[mode].append(wrk(4141, seconds))
+                out[mode].append(measured(inst, seconds))
             finally:
                 inst.stop()
     return out
@@ -342,12 +357,12 @@ def main():
     print(f"\nThroughput: wrk -t1 -c16 -d{DURATION}s, _entities for 20 Zipf-drawn offers (rating + 5 reviews), "
           f"{OFFERS:,} offers / {REVIEWS:,} reviews, {CLIENTS:,} clients via X-Forwarded-For, one instance, "
           f"2 cores shared with wrk\n")
-    print("| cache | protection | req/s | p50 ms | p95 ms | p99 ms | errors | entity hit | L1 hit | L2 hit | SQL stmts/req | limiter Redis calls/req |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| cache | protection | req/s | p50 ms | p95 ms | p99 ms | errors | server CPU µs/req | entity hit | L1 hit | L2 hit | SQL stmts/req | limiter Redis calls/req |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['mode']} | {r['protection']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['errors']} | {r['entity_hit']:.1%} | {r['l1_hit']:.1%} | {r['l2_hit']:.1%} | {r['sql_per_req']:.3f} | "
-              f"{r['budget_calls']:.4f} |")
+              f"{r['errors']} | {r['cpu_us_per_req']:.1f} | {r['entity_hit']:.1%} | {r['l1_hit']:.1%} | {r['l2_hit']:.1%} | "
+              f"{r['sql_per_req']:.3f} | {r['budget_calls']:.4f} |")
     print("\n(entity hit: rendered `_entities` fragments; L1/L2 hit: per data key looked up, i.e. on entity misses)")
     print(f"\ncache on/off throughput ratio: {on['rps'] / max(off['rps'], 1):.1f}×   "
           f"p99 ratio (off/on): {off['p99_ms'] / max(on['p99_ms'], 1e-9):.1f}×")
@@ -358,9 +373,12 @@ def main():
     ab = protection_pairs()
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     on_rps, off_rps = mean(ab["on"], "rps"), mean(ab["off"], "rps")
+    on_cpu, off_cpu = mean(ab["on"], "cpu_us_per_req"), mean(ab["off"], "cpu_us_per_req")
     print(f"protection on/off, {len(ab['on'])} alternating pairs of 8 s: {on_rps:,.0f} vs {off_rps:,.0f} req/s "
           f"({on_rps / off_rps:.1%}); p99 {mean(ab['on'], 'p99_ms'):.2f} vs {mean(ab['off'], 'p99_ms'):.2f} ms; "
-          f"runs on {[round(r['rps']) for r in ab['on']]}, off {[round(r['rps']) for r in ab['off']]}")
+          f"runs on {[round(r['rps']) for r in ab['on']]}, off {[round(r['rps']) for r in ab['off']]}; "
+          f"server CPU per request {on_cpu:.1f} vs {off_cpu:.1f} µs ({on_cpu / off_cpu - 1:+.1%}), "
+          f"runs on {[round(r['cpu_us_per_req'], 1) for r in ab['on']]}, off {[round(r['cpu_us_per_req'], 1) for r in ab['off']]}")
 
     acc = limiter_accuracy()
     print(f"\nRate limiter across two instances (one client alternating, quota {acc['per_sec']}/s, burst {acc['per_sec']}, "
