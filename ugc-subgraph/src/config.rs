@@ -32,7 +32,7 @@ pub const DEFAULT_LEASE_WAIT_MS: u64 = 150;
 pub const DEFAULT_HOT_KEY_PER_SEC: u64 = 20;
 pub const DEFAULT_STALE_CHECK_RATE: f64 = 0.001;
 pub const DEFAULT_STALE_WINDOW_MS: u64 = 1_000;
-pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 256;
 pub const DEFAULT_MAX_FIELDS: usize = 1_000;
@@ -79,6 +79,9 @@ pub struct HttpConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub request_timeout: Duration,
     /// A connection whose request headers take longer is closed (slowloris).
+    /// hyper runs this timer while a keep-alive connection waits for its next
+    /// request too, so it is also the idle time a connection may keep: keep
+    /// it above clients' keep-alive time-outs (4–5 s for Node).
     pub header_read_timeout: Duration,
     /// Open connections at most; more wait in the kernel's accept queue.
     pub max_connections: usize,
