@@ -101,10 +101,20 @@ pub async fn execute(
             state.entity_cache.execute(&state.schema, request, &auth),
         )
         .await;
-        if let Ok(Some(body)) = cached {
-            drop(in_flight);
-            observe(&state, operation, "ok", started);
-            return raw_json_response(format, body);
+        match cached {
+            Ok(Some(body)) => {
+                drop(in_flight);
+                observe(&state, operation, "ok", started);
+                return raw_json_response(format, body);
+            }
+            // Not an entity fetch the cache serves: execute it below.
+            Ok(None) => {}
+            // Out of time already: executing again would double the wait.
+            Err(_) => {
+                drop(in_flight);
+                observe(&state, operation, "timeout", started);
+                return reject(&state, StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "request timed out");
+            }
         }
     }
     let batch = batch.data(auth);

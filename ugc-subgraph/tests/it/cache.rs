@@ -314,3 +314,28 @@ async fn a_failed_entity_fetch_runs_once_and_answers_like_the_normal_path() {
     assert_eq!(shape(&cached_path), shape(&normal_path), "{cached_path} vs {normal_path}");
     assert!(cached_path.to_string().contains("SERVICE_UNAVAILABLE"), "{cached_path}");
 }
+
+/// An entity fetch that runs out of time is answered 504 once: not executed
+/// again on the normal path for a second full time-out.
+#[tokio::test]
+async fn an_entity_fetch_out_of_time_is_not_executed_twice() {
+    let app = TestApp::start_with(&[("UGC_REQUEST_TIMEOUT_MS", "1000")]).await;
+    app.seed(5, 20, 40).await;
+    let query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { count } } } }";
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE offer_ratings IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let started = std::time::Instant::now();
+    let resp = app
+        .client()
+        .post(app.url("/graphql"))
+        .json(&json!({ "query": query, "variables": { "representations": offers(1..=3) } }))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    lock.commit().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    // One time-out (1 s), not two; loose for a debug build on a shared machine.
+    assert!(took < std::time::Duration::from_millis(1700), "took {took:?}");
+    assert_eq!(app.metric("ugc_graphql_request_seconds_count", &["outcome=\"timeout\""]).await, 1.0);
+}
