@@ -126,8 +126,17 @@ async fn serve(state: AppState) -> anyhow::Result<()> {
         let stop = stop.clone();
         tokio::spawn(async move { server::serve_router(metrics, router, &http, stop.cancelled_owned()).await });
     }
+    let (state_drain, draining) = (state.config.http.shutdown_drain, std::sync::Arc::clone(&state.draining));
     let server = tokio::spawn(server::serve(listener, state, stop.clone().cancelled_owned()));
-    shutdown::signal().await;
+    // SIGTERM (an orchestrator): readiness fails first and requests are
+    // still served for the drain period, so that load balancers stop
+    // sending before the listener closes. SIGINT (a person): at once.
+    let drain = state_drain;
+    if shutdown::signal().await == shutdown::Signal::Terminate && !drain.is_zero() {
+        draining.store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(drain_ms = drain.as_millis() as u64, "draining: readiness fails, still serving");
+        tokio::time::sleep(drain).await;
+    }
     stop.cancel();
     for task in background {
         let _ = task.await;

@@ -22,6 +22,7 @@ pub const DEFAULT_MAX_DEPTH: usize = 15;
 pub const DEFAULT_MAX_COMPLEXITY: usize = 50_000;
 pub const DEFAULT_LOADER_DELAY_US: u64 = 1_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_SHUTDOWN_DRAIN_MS: u64 = 5_000;
 pub const DEFAULT_L1_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_CACHE_TTL_SECS: u64 = 60;
 pub const DEFAULT_CACHE_NEGATIVE_TTL_SECS: u64 = 10;
@@ -89,6 +90,9 @@ pub struct HttpConfig {
     pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// On SIGTERM, how long readiness fails while requests are still served
+    /// (so load balancers stop sending) before the listener closes.
+    pub shutdown_drain: Duration,
     /// Serve the GraphiQL page on `GET /graphql`.
     pub graphiql: bool,
 }
@@ -269,6 +273,11 @@ impl Config {
                 "UGC_SHUTDOWN_TIMEOUT_SECS",
                 DEFAULT_SHUTDOWN_TIMEOUT_SECS,
                 0..=3600,
+            )?),
+            shutdown_drain: Duration::from_millis(env.parse_in(
+                "UGC_SHUTDOWN_DRAIN_MS",
+                DEFAULT_SHUTDOWN_DRAIN_MS,
+                0..=600_000,
             )?),
         };
         let graphql = GraphqlConfig {

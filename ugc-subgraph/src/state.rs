@@ -52,6 +52,8 @@ pub struct AppState {
     pub clients: Arc<ClientResolver>,
     /// Query cost limits, with each query text's analysis kept.
     pub cost: Arc<CostGuard>,
+    /// Set on SIGTERM: readiness fails while requests are still served.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -93,6 +95,7 @@ impl AppState {
             limits,
             clients,
             cost,
+            draining: Arc::default(),
         })
     }
 

@@ -17,8 +17,12 @@ pub async fn live() -> Json<Value> {
 /// inside an orchestrator's usual 1 s time-out, even when Postgres hangs.
 const POSTGRES_CHECK: Duration = Duration::from_millis(400);
 
-/// Ready when Postgres answers and all migrations are applied.
+/// Ready when Postgres answers and all migrations are applied, and the
+/// instance is not draining for a shutdown.
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    if state.draining.load(std::sync::atomic::Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining: shutting down" })));
+    }
     let postgres = match tokio::time::timeout(POSTGRES_CHECK, state.store.ready()).await {
         Ok(Ok(true)) => "ok",
         Ok(Ok(false)) => "migrations pending",

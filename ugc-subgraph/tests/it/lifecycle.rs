@@ -93,3 +93,45 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// On SIGTERM readiness fails at once, yet new requests are still served
+/// for the drain period; then the process stops accepting and exits.
+#[tokio::test]
+async fn sigterm_fails_readiness_first_and_keeps_serving_through_the_drain() {
+    let (_, db_url) = fresh_database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("DATABASE_URL", &db_url)
+        .env("UGC_LISTEN", format!("127.0.0.1:{port}"))
+        .env("UGC_SHUTDOWN_DRAIN_MS", "2000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = |client: reqwest::Client| {
+        let url = format!("{base}/health/ready");
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    let client = reqwest::Client::new();
+    assert!(eventually(Duration::from_secs(30), async || ready(client.clone()).await == 200).await);
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+    assert!(eventually(Duration::from_secs(1), async || ready(client.clone()).await == 503).await, "readiness first");
+    // A new client, on a new connection, during the drain: still served.
+    let fresh = reqwest::Client::new();
+    let answer: Value = fresh
+        .post(format!("{base}/graphql"))
+        .json(&json!({ "query": "{ offer(id: \"x\") { id } }" }))
+        .send()
+        .await
+        .expect("served during the drain")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["data"]["offer"]["id"], "x");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
+    assert!(status.success(), "{status}");
+}
