@@ -28,20 +28,27 @@ async fn a_bad_setting_names_the_variable_and_exits_non_zero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_requests_then_exits() {
+/// The binary serving a fresh database on a free port: (database URL, port, process).
+async fn serve(vars: &[(&str, &str)]) -> (String, u16, tokio::process::Child) {
     let (_, db_url) = fresh_database().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("serve")
         .env("DATABASE_URL", &db_url)
         .env("UGC_LISTEN", format!("127.0.0.1:{port}"))
         .env("UGC_JWT_SECRET", SECRET)
+        .envs(vars.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    (db_url, port, child)
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits() {
+    let (db_url, port, mut child) = serve(&[]).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     assert!(
@@ -98,18 +105,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
 /// for the drain period; then the process stops accepting and exits.
 #[tokio::test]
 async fn sigterm_fails_readiness_first_and_keeps_serving_through_the_drain() {
-    let (_, db_url) = fresh_database().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .env("DATABASE_URL", &db_url)
-        .env("UGC_LISTEN", format!("127.0.0.1:{port}"))
-        .env("UGC_SHUTDOWN_DRAIN_MS", "2000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_, port, mut child) = serve(&[("UGC_SHUTDOWN_DRAIN_MS", "2000")]).await;
     let base = format!("http://127.0.0.1:{port}");
     let ready = |client: reqwest::Client| {
         let url = format!("{base}/health/ready");
