@@ -261,6 +261,18 @@ impl<S: Source> Cache<S> {
         Ok(out)
     }
 
+    /// When this instance's L1 value of `key` stops being fresh (`None`:
+    /// not in L1, or invalidated). An entry filled from L2 carries the
+    /// freshness of the original load, not of the copy.
+    pub async fn fresh_until(&self, key: &CacheKey) -> Option<Instant> {
+        let inner = &self.inner;
+        let entry = match inner.l1.get(key).await {
+            Some(entry) => entry,
+            None => inner.l1_negative.get(key).await?,
+        };
+        (entry.token == inner.gens.current(&key.tag())).then_some(entry.fresh_until)
+    }
+
     /// The current L1 token of a tag: taken before a read, it fences
     /// anything derived from that read (see [`Cache::tokens_current`]).
     pub fn token(&self, tag: &Tag) -> u64 {

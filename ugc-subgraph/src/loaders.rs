@@ -12,9 +12,9 @@
 //! bypasses the cache and is used only for signed-in viewers, whose private
 //! view must never enter a shared entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_graphql::dataloader::{DataLoader, Loader};
 
@@ -29,15 +29,66 @@ tokio::task_local! {
     /// Set while an entity is rendered for the entity cache: collects every
     /// tag the rendering read, with its token taken before the read.
     static RECORDER: Recorder;
+    /// Set while the entity cache prepares a rendering (see [`Preparation`]).
+    static PREPARING: Preparation;
 }
 
-/// The dependencies of one rendering (see `graphql/entity_cache.rs`).
+/// How reads that miss L1 behave while the entity cache prepares the
+/// rendering of many entities.
+///
+/// Why: the DataLoader batches by time (keys arriving within its delay), so
+/// whether a hundred entities' keys share one statement depends on how fast
+/// they are enqueued. Discovering the keys first (an execution from L1 that
+/// notes what it misses), then loading them in one call, costs one statement
+/// per kind and per level of nesting, however slow the machine.
+#[derive(Clone)]
+enum Preparation {
+    /// Misses are noted, not loaded; they read as absent.
+    Discover(Arc<std::sync::Mutex<HashSet<CacheKey>>>),
+    /// Loading them failed: misses fail with this error at once, without
+    /// repeating the load (and, with Postgres down, its time-out).
+    Failed(LoadError),
+}
+
+/// Runs `f` noting, instead of loading, every key it misses in L1.
+pub async fn discovering<F: std::future::Future>(f: F) -> (F::Output, Vec<CacheKey>) {
+    let keys = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let out = PREPARING.scope(Preparation::Discover(Arc::clone(&keys)), f).await;
+    let keys = std::mem::take(&mut *keys.lock().unwrap_or_else(|e| e.into_inner()));
+    (out, keys.into_iter().collect())
+}
+
+/// Runs `f` with every L1 miss failing with `error`.
+pub async fn failing<F: std::future::Future>(error: LoadError, f: F) -> F::Output {
+    PREPARING.scope(Preparation::Failed(error), f).await
+}
+
+/// What one rendering read (see `graphql/entity_cache.rs`): every tag with
+/// its token taken before the read, and when the oldest value it read stops
+/// being fresh (`None`: it read nothing cached).
+#[derive(Default)]
+pub struct Deps {
+    pub tags: Vec<(Tag, u64)>,
+    pub fresh_until: Option<Instant>,
+}
+
+impl Deps {
+    fn read(&mut self, fresh_until: Instant) {
+        self.fresh_until = Some(self.fresh_until.map_or(fresh_until, |t| t.min(fresh_until)));
+    }
+}
+
+/// Collects the [`Deps`] of one rendering.
 #[derive(Clone, Default)]
-pub struct Recorder(Arc<std::sync::Mutex<Vec<(Tag, u64)>>>);
+pub struct Recorder(Arc<std::sync::Mutex<Deps>>);
 
 impl Recorder {
-    pub fn take(&self) -> Vec<(Tag, u64)> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    pub fn take(&self) -> Deps {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Deps> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -235,15 +286,29 @@ impl Loaders {
     async fn get(&self, key: CacheKey) -> Result<Option<CachedValue>, LoadError> {
         // Inside a recorded rendering: note the tag and its token *before*
         // reading, so that an invalidation during the read is caught.
-        let _ = RECORDER.try_with(|r| {
+        let recorder = RECORDER.try_with(|r| {
             let tag = key.tag();
             let token = self.cache.token(&tag);
-            r.0.lock().unwrap_or_else(|e| e.into_inner()).push((tag, token));
+            r.lock().tags.push((tag, token));
+            r.clone()
         });
         let value = match self.cache.get(&key).await {
             Some(value) => Some(value),
-            None => self.batches.load_one(key).await?,
+            None => match PREPARING.try_with(Clone::clone) {
+                Ok(Preparation::Discover(keys)) => {
+                    keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+                    return Ok(None);
+                }
+                Ok(Preparation::Failed(error)) => return Err(error),
+                Err(_) => self.batches.load_one(key.clone()).await?,
+            },
         };
+        if let Ok(recorder) = recorder {
+            // How long what was just read stays fresh (its L1 entry; a value
+            // not in L1 any more is as old as can be: now).
+            let until = self.cache.fresh_until(&key).await.unwrap_or_else(Instant::now);
+            recorder.lock().read(until);
+        }
         // Whichever layer answered (L1, L2 or Postgres), sample it.
         if let Some(value) = &value {
             self.detector.sample(value);

@@ -18,31 +18,41 @@
 //! fragments on `Offer`/`User` (and `__typename`): then the rendering is a
 //! function of the query text and the representation alone.
 //!
-//! It never changes an answer: misses are rendered by normal execution, one
-//! entity each, and anything unusual (other shapes) goes through normal
+//! It never changes an answer: misses are rendered by normal execution
+//! (their keys loaded first, all together, then one entity each from L1),
+//! and anything unusual (other shapes) goes through normal
 //! execution of the whole request. A render that fails (Postgres down) is
 //! this request's answer for its entity, errors included: it is not run a
 //! second time on the normal path.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::parser::types::{DocumentOperations, OperationType, Selection};
-use async_graphql::{Name, PathSegment, Value as GqlValue, Variables};
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType, Selection};
+use async_graphql::{Name, PathSegment, ServerError, Value as GqlValue, Variables};
 use moka::sync::Cache as MokaSync;
 
 use super::{RequestAuth, UgcSchema};
 use crate::cache::Tag;
-use crate::loaders::{recording, ReadCache, Recorder};
+use crate::loaders::{discovering, failing, recording, ReadCache, Recorder};
 use crate::telemetry::metrics::Metrics;
 
 /// Qualifying query shapes remembered (by query text hash).
 const SHAPES: u64 = 1_000;
+/// Levels of nesting whose keys are loaded before rendering (offer → its
+/// page → the page's reviews' authors …); deeper ones load while rendering.
+const MAX_LEVELS: usize = 4;
+/// Keys per load while preparing a rendering (the loader's batch size).
+const LOAD_CHUNK: usize = 500;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct FragmentKey {
+    /// The [`Known::serial`] of the query text: unique for the process's
+    /// life, so fragments of two texts can never meet, not even when one
+    /// text's shape was evicted and another with the same hash took its place.
     query: u64,
     typename: &'static str,
     id: String,
@@ -54,10 +64,11 @@ struct Fragment {
     expires: Instant,
 }
 
-/// The variable that carries the representations, when the query qualifies.
-#[derive(Clone)]
+/// The variable that carries the representations, when the query
+/// qualifies, and the parsed document (parsed once for all renders).
 struct Shape {
     variable: Name,
+    document: ExecutableDocument,
 }
 
 /// What is known of one query text (with its operation name). The text is
@@ -65,6 +76,7 @@ struct Shape {
 /// must never share a shape, nor therefore fragments (the later one simply
 /// executes normally).
 struct Known {
+    serial: u64,
     query: Box<str>,
     operation: Option<Box<str>>,
     shape: Option<Shape>,
@@ -102,15 +114,17 @@ impl EntityCache {
     }
 
     /// The query's identity (text and operation name) and its shape.
-    fn shape(&self, query: &str, operation: Option<&str>) -> (u64, Option<Arc<Known>>) {
+    fn shape(&self, query: &str, operation: Option<&str>) -> Option<Arc<Known>> {
         let key = hash(query) ^ operation.map_or(0, |o| hash(o).rotate_left(1));
-        (key, self.known(key, query, operation))
+        self.known(key, query, operation)
     }
 
     /// The shape stored under `key`, only if it was stored for this very text.
     fn known(&self, key: u64, query: &str, operation: Option<&str>) -> Option<Arc<Known>> {
         let known = self.shapes.get_with(key, || {
+            static SERIAL: AtomicU64 = AtomicU64::new(0);
             Arc::new(Known {
+                serial: SERIAL.fetch_add(1, Ordering::Relaxed),
                 query: query.into(),
                 operation: operation.map(Into::into),
                 shape: qualify(query, operation),
@@ -132,13 +146,12 @@ impl EntityCache {
         if !self.enabled {
             return None;
         }
-        let (query_key, known) = self.shape(&request.query, request.operation_name.as_deref());
-        let known = known?;
+        let known = self.shape(&request.query, request.operation_name.as_deref())?;
         let shape = known.shape.as_ref()?;
         let GqlValue::List(reps) = request.variables.get(&shape.variable)? else { return None };
         let mut keys = Vec::with_capacity(reps.len());
         for rep in reps {
-            keys.push(representation(rep, query_key)?);
+            keys.push(representation(rep, known.serial)?);
         }
 
         let now = Instant::now();
@@ -153,60 +166,31 @@ impl EntityCache {
             parts.push(hit);
         }
 
-        // Render the misses, one execution each, concurrently: the shared
-        // DataLoader still batches their reads into one statement per kind.
-        let renders = missing.iter().map(|&i| {
-            let rep = reps[i].clone();
-            let sub = async_graphql::Request::new(request.query.clone())
-                .variables(Variables::from_value(GqlValue::Object(
-                    [(shape.variable.clone(), GqlValue::List(vec![rep]))].into_iter().collect(),
-                )))
-                .data(auth.clone());
-            let sub = match &request.operation_name {
-                Some(name) => sub.operation_name(name.clone()),
-                None => sub,
-            };
-            let recorder = Recorder::default();
-            async move {
-                let response = recording(recorder.clone(), schema.execute(sub)).await;
-                (response, recorder.take())
+        if !missing.is_empty() {
+            let reps: Vec<&GqlValue> = missing.iter().map(|&i| &reps[i]).collect();
+            match self.render(schema, request, shape, auth, &reps).await {
+                Rendered::Fragments(fragments) => {
+                    for (&i, fragment) in missing.iter().zip(fragments) {
+                        // Fenced: a fragment whose reads were invalidated
+                        // meanwhile (or that read values already past their
+                        // freshness) is still this request's answer, but is
+                        // not kept.
+                        if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
+                            self.fragments.insert(keys[i].clone(), Arc::clone(&fragment));
+                        } else {
+                            self.metrics.fills_refused.get_or_create(&[("layer", "entity")]).inc();
+                        }
+                        parts[i] = Some(fragment);
+                    }
+                }
+                // The failed rendering already is this request's answer for
+                // the missing entities (partial data and errors): assembled,
+                // not executed again on the normal path, which would repeat
+                // every failing load (and, with Postgres down, its whole
+                // time-out).
+                Rendered::Failed(response) => return assemble(&parts, &missing, response),
+                Rendered::Unusual => return None,
             }
-        });
-        let rendered = futures::future::join_all(renders).await;
-        let ttl = self.cache.ttl();
-        let mut failed = Vec::new();
-        for (&i, (response, deps)) in missing.iter().zip(rendered) {
-            if !response.errors.is_empty() {
-                failed.push((i, response));
-                continue;
-            }
-            let entity = match response.data {
-                GqlValue::Object(mut data) => match data.shift_remove("_entities") {
-                    Some(GqlValue::List(mut list)) if list.len() == 1 => list.pop()?,
-                    _ => return None,
-                },
-                _ => return None,
-            };
-            let fragment = Arc::new(Fragment {
-                json: serde_json::to_string(&entity).ok()?.into(),
-                deps,
-                expires: Instant::now() + ttl,
-            });
-            // Fenced: a fragment whose reads were invalidated meanwhile is
-            // still this request's answer, but is not kept.
-            if self.cache.tokens_current(&fragment.deps) {
-                self.fragments.insert(keys[i].clone(), Arc::clone(&fragment));
-            } else {
-                self.metrics.fills_refused.get_or_create(&[("layer", "entity")]).inc();
-            }
-            parts[i] = Some(fragment);
-        }
-        if !failed.is_empty() {
-            // The failed renders already are this request's answer for their
-            // entities (partial data and errors): assembled, not executed
-            // again on the normal path, which would repeat every failing
-            // load (and, with Postgres down, its whole time-out).
-            return assemble(&parts, failed);
         }
 
         let mut body = String::with_capacity(32 + parts.iter().flatten().map(|f| f.json.len() + 1).sum::<usize>());
@@ -220,38 +204,174 @@ impl EntityCache {
         body.push_str("]}}");
         Some(body)
     }
-}
 
-/// The whole `_entities` answer when some renders failed: cached and fresh
-/// fragments as they are, each failed render's entity and errors with their
-/// paths moved to the entity's place in the list.
-fn assemble(parts: &[Option<Arc<Fragment>>], failed: Vec<(usize, async_graphql::Response)>) -> Option<String> {
-    let mut entities: Vec<GqlValue> = Vec::with_capacity(parts.len());
-    for part in parts {
-        entities.push(match part {
-            Some(fragment) => serde_json::from_str(&fragment.json).ok()?,
-            None => GqlValue::Null,
-        });
-    }
-    let mut errors = Vec::new();
-    for (i, response) in failed {
-        if let GqlValue::Object(mut data) = response.data {
-            if let Some(GqlValue::List(mut list)) = data.shift_remove("_entities") {
-                entities[i] = list.pop().unwrap_or(GqlValue::Null);
+    /// Renders the missing entities, one fragment each with its own
+    /// dependencies.
+    ///
+    /// First their keys are discovered and loaded, all entities together:
+    /// an execution of all of them from L1 notes what it misses, one
+    /// [`Cache::load`](crate::cache::Cache::load) fetches that (one statement
+    /// per kind), and again for the next level of nesting (a review's
+    /// author), until nothing is missing. Then each entity is rendered alone
+    /// from L1, which is what makes its recorded dependencies its own
+    /// (async-graphql resolves all representations of one execution under
+    /// one path, so they cannot be told apart inside it). Rendering them one
+    /// execution each from the start would split the loader's batches.
+    async fn render(
+        &self,
+        schema: &UgcSchema,
+        request: &async_graphql::Request,
+        shape: &Shape,
+        auth: &RequestAuth,
+        reps: &[&GqlValue],
+    ) -> Rendered {
+        let mut failure = None;
+        for _ in 0..MAX_LEVELS {
+            let all = sub_request(request, shape, auth, reps.iter().map(|&r| r.clone()));
+            let (_, keys) = discovering(schema.execute(all)).await;
+            if keys.is_empty() {
+                break;
             }
-        }
-        for mut error in response.errors {
-            if let [PathSegment::Field(root), PathSegment::Index(index), ..] = error.path.as_mut_slice() {
-                if root == "_entities" {
-                    *index = i;
+            let mut loaded = Ok(());
+            for chunk in keys.chunks(LOAD_CHUNK) {
+                loaded = self.cache.load(chunk).await.map(drop);
+                if loaded.is_err() {
+                    break;
                 }
             }
-            errors.push(error);
+            if let Err(error) = loaded {
+                failure = Some(error);
+                break;
+            }
+        }
+        let renders = reps.iter().map(|&rep| {
+            let sub = sub_request(request, shape, auth, [rep.clone()]);
+            let recorder = Recorder::default();
+            let failure = failure.clone();
+            async move {
+                let render = recording(recorder.clone(), schema.execute(sub));
+                let response = match failure {
+                    Some(error) => failing(error, render).await,
+                    None => render.await,
+                };
+                (response, recorder.take())
+            }
+        });
+        let rendered = futures::future::join_all(renders).await;
+        let rendered_at = Instant::now();
+        let ttl = self.cache.ttl();
+        let mut fragments = Vec::with_capacity(reps.len());
+        let mut failed: Option<async_graphql::Response> = None;
+        for (j, (response, deps)) in rendered.into_iter().enumerate() {
+            let mut data = match response.data {
+                GqlValue::Object(data) => data,
+                _ => return Rendered::Unusual,
+            };
+            let Some(GqlValue::List(mut list)) = data.shift_remove("_entities") else { return Rendered::Unusual };
+            let (Some(entity), true) = (list.pop(), list.is_empty()) else { return Rendered::Unusual };
+            if !response.errors.is_empty() || failed.is_some() {
+                // Gather every render into one response, errors moved to
+                // their entity's place among the misses.
+                let all = failed.get_or_insert_with(|| entities_response(fragments.iter().map(Fragment::value)));
+                push_entity(all, entity, response.errors, j);
+                continue;
+            }
+            let Ok(json) = serde_json::to_string(&entity) else { return Rendered::Unusual };
+            // A fragment ages with its data: it is fresh until the oldest
+            // value it read stops being fresh, and never past the TTL.
+            let expires = deps.fresh_until.map_or(rendered_at, |t| t.min(rendered_at + ttl));
+            fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires }));
+        }
+        match failed {
+            Some(response) => Rendered::Failed(response),
+            None => Rendered::Fragments(fragments),
         }
     }
-    let data = GqlValue::Object([(Name::new("_entities"), GqlValue::List(entities))].into_iter().collect());
-    let mut response = async_graphql::Response::new(data);
-    response.errors = errors;
+}
+
+/// What rendering the misses produced.
+enum Rendered {
+    /// One fragment per missing entity, in order.
+    Fragments(Vec<Arc<Fragment>>),
+    /// An `_entities` answer for the missing entities, in order, with errors.
+    Failed(async_graphql::Response),
+    /// Not the shape expected: execute the whole request normally.
+    Unusual,
+}
+
+impl Fragment {
+    fn value(self: &Arc<Self>) -> GqlValue {
+        serde_json::from_str(&self.json).unwrap_or(GqlValue::Null)
+    }
+}
+
+/// The request for some of `request`'s representations, with the same text,
+/// operation and viewer.
+fn sub_request(
+    request: &async_graphql::Request,
+    shape: &Shape,
+    auth: &RequestAuth,
+    reps: impl IntoIterator<Item = GqlValue>,
+) -> async_graphql::Request {
+    let mut sub = async_graphql::Request::new(request.query.clone())
+        .variables(Variables::from_value(GqlValue::Object(
+            [(shape.variable.clone(), GqlValue::List(reps.into_iter().collect()))].into_iter().collect(),
+        )))
+        .data(auth.clone());
+    if let Some(name) = &request.operation_name {
+        sub = sub.operation_name(name.clone());
+    }
+    // Parsed once, when the shape was judged.
+    sub.set_parsed_query(shape.document.clone());
+    sub
+}
+
+/// An `_entities` response holding `entities`.
+fn entities_response(entities: impl Iterator<Item = GqlValue>) -> async_graphql::Response {
+    async_graphql::Response::new(GqlValue::Object(
+        [(Name::new("_entities"), GqlValue::List(entities.collect()))].into_iter().collect(),
+    ))
+}
+
+/// Appends `entity` (the `at`-th of its list) and its errors to `response`.
+fn push_entity(response: &mut async_graphql::Response, entity: GqlValue, errors: Vec<ServerError>, at: usize) {
+    if let GqlValue::Object(data) = &mut response.data {
+        if let Some(GqlValue::List(list)) = data.get_mut("_entities") {
+            list.push(entity);
+        }
+    }
+    response.errors.extend(errors.into_iter().map(|e| moved(e, |_| at)));
+}
+
+/// `error` with its `_entities` index (if it has one) mapped by `to`.
+fn moved(mut error: ServerError, to: impl Fn(usize) -> usize) -> ServerError {
+    if let [PathSegment::Field(root), PathSegment::Index(index), ..] = error.path.as_mut_slice() {
+        if root == "_entities" {
+            *index = to(*index);
+        }
+    }
+    error
+}
+
+/// The whole `_entities` answer when rendering failed: cached fragments as
+/// they are, the failed rendering's entities (one per missing position, in
+/// order) and its errors with their paths moved to the entity's place.
+fn assemble(parts: &[Option<Arc<Fragment>>], missing: &[usize], failed: async_graphql::Response) -> Option<String> {
+    let mut entities: Vec<GqlValue> =
+        parts.iter().map(|p| p.as_ref().map_or(GqlValue::Null, Fragment::value)).collect();
+    let mut data = match failed.data {
+        GqlValue::Object(data) => data,
+        _ => return None,
+    };
+    let Some(GqlValue::List(rendered)) = data.shift_remove("_entities") else { return None };
+    if rendered.len() != missing.len() {
+        return None;
+    }
+    for (&i, entity) in missing.iter().zip(rendered) {
+        entities[i] = entity;
+    }
+    let mut response = entities_response(entities.into_iter());
+    response.errors = failed.errors.into_iter().map(|e| moved(e, |j| missing.get(j).copied().unwrap_or(j))).collect();
     serde_json::to_string(&response).ok()
 }
 
@@ -302,7 +422,7 @@ fn qualify(query: &str, operation: Option<&str>) -> Option<Shape> {
         Selection::Field(f) => f.node.name.node == "__typename" && f.node.alias.is_none(),
         Selection::FragmentSpread(_) => false,
     });
-    allowed.then_some(Shape { variable })
+    allowed.then(|| Shape { variable, document: doc })
 }
 
 #[cfg(test)]

@@ -339,3 +339,39 @@ async fn an_entity_fetch_out_of_time_is_not_executed_twice() {
     assert!(took < std::time::Duration::from_millis(1700), "took {took:?}");
     assert_eq!(app.metric("ugc_graphql_request_seconds_count", &["outcome=\"timeout\""]).await, 1.0);
 }
+
+/// A rendered entity ages with the values it read: rendered on instance B
+/// from an L2 entry that A filled 1.4 s earlier (TTL 2 s), it stops being
+/// served when that entry stops being fresh, not a whole TTL after it was
+/// rendered.
+#[tokio::test]
+async fn a_fragment_expires_with_the_oldest_value_it_read() {
+    let ttl = [("UGC_CACHE_TTL_SECS", "2")];
+    let a = TestApp::start_with(&ttl).await;
+    a.seed(5, 10, 20).await;
+    let b = TestApp::start_on(&a.db_url, &ttl).await;
+    let query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { rating { count } } } }";
+    let vars = json!({ "representations": offers(1..=1) });
+    let entity = async |app: &TestApp, result: &str| {
+        app.metric("ugc_cache_requests_total", &["layer=\"entity\"", &format!("result=\"{result}\"")]).await
+    };
+
+    let first = a.gql("{ offer(id: \"offer-000001\") { rating { count } } }", json!({})).await;
+    assert!(first["errors"].is_null(), "{first}");
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    // B: an L1 miss, an L2 hit that is fresh for 0.4–0.8 s more (±10 % jitter).
+    let rendered = b.gql(query, vars.clone()).await;
+    assert!(rendered["errors"].is_null(), "{rendered}");
+    assert_eq!(entity(&b, "miss").await, 1.0);
+    let again = b.gql(query, vars.clone()).await;
+    assert_eq!(again, rendered);
+    assert_eq!(entity(&b, "hit").await, 1.0, "the fragment is served while its data is fresh");
+
+    // 2.6 s after A's load: past the L2 value's freshness (at most 2.2 s),
+    // well before the render plus a TTL (at least 3.2 s).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let late = b.gql(query, vars).await;
+    assert!(late["errors"].is_null(), "{late}");
+    assert_eq!(entity(&b, "hit").await, 1.0, "the fragment outlived the value it was rendered from");
+    assert_eq!(entity(&b, "miss").await, 2.0);
+}

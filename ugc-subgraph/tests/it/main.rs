@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cache;
+mod cluster;
 mod coherence;
 mod gateway;
 mod http_surface;

@@ -2,7 +2,9 @@
 //! whatever the number of entities: proven from `/metrics`.
 
 use serde_json::{json, Value};
+use sqlx::PgPool;
 
+use crate::cluster::PgCluster;
 use crate::support::TestApp;
 
 const ENTITIES: &str = "query($representations: [_Any!]!) {
@@ -64,4 +66,70 @@ async fn unknown_or_hidden_reviews_resolve_to_null_entities() {
         )
         .await;
     assert_eq!(body["data"]["_entities"], json!([null, null]), "{body}");
+}
+
+/// Statements Postgres itself ran in database `db` since the last reset
+/// (`pg_stat_statements`: it cannot miss one), with their texts.
+async fn postgres_counts(admin: &PgPool, db: &str) -> (i64, Vec<String>) {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.query, s.calls FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+         WHERE d.datname = $1 AND s.toplevel",
+    )
+    .bind(db)
+    .fetch_all(admin)
+    .await
+    .unwrap();
+    (rows.iter().map(|(_, n)| n).sum(), rows.into_iter().map(|(q, n)| format!("{n}× {q}")).collect())
+}
+
+#[tokio::test]
+async fn the_entity_cache_keeps_the_loaders_batches_by_postgres_own_count() {
+    // A private cluster: pg_stat_statements must be preloaded, which the
+    // machine's shared server is not (and must not be changed for).
+    let cluster = PgCluster::start();
+    let admin = PgPool::connect(&cluster.url("postgres")).await.unwrap();
+    sqlx::query("CREATE EXTENSION pg_stat_statements").execute(&admin).await.unwrap();
+    let db = format!("ugc_p_{}", std::process::id());
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.unwrap();
+    // Widened batching window: see `a_hundred_offers_cost_a_constant_number_of_statements`.
+    // No background relay or listener: every statement counted is the request's.
+    let app = TestApp::start_without_background_on(&cluster.url(&db), &[]).await;
+    app.seed(300, 500, 8000).await;
+
+    let reps = |from: usize, n: usize| -> Value {
+        Value::Array(
+            (from..from + n).map(|i| json!({ "__typename": "Offer", "id": format!("offer-{i:06}") })).collect(),
+        )
+    };
+    let measure = async |label: &str, query: &str, representations: Value| -> i64 {
+        sqlx::query("SELECT pg_stat_statements_reset()").execute(&admin).await.unwrap();
+        let n = representations.as_array().unwrap().len();
+        let body = app.gql(query, json!({ "representations": representations })).await;
+        assert!(body["errors"].is_null(), "{body}");
+        assert_eq!(body["data"]["_entities"].as_array().unwrap().len(), n);
+        let (count, statements) = postgres_counts(&admin, &db).await;
+        println!("{label}: {count} statements\n  {}", statements.join("\n  "));
+        count
+    };
+
+    // Cold: nothing in L1, L2 or the entity cache.
+    let cold_one = measure("offer 1, cold", ENTITIES, reps(1, 1)).await;
+    let cold_hundred = measure("offers 101–200, cold", ENTITIES, reps(101, 100)).await;
+    // Half rendered already (151–200), half not (201–250).
+    let half = measure("offers 151–250, half rendered", ENTITIES, reps(151, 100)).await;
+    let warm = measure("offers 151–250 again", ENTITIES, reps(151, 100)).await;
+
+    // One level deeper (each review's author's count): one statement more,
+    // still whatever the number of offers.
+    let nested = "query($representations: [_Any!]!) { _entities(representations: $representations) {
+      ... on Offer { rating { count } reviews(first: 5) { edges { node { id author { id reviewCount } } } } } } }";
+    let deeper = measure("offers 251–300, cold, with authors' counts", nested, reps(251, 50)).await;
+
+    assert!(deeper <= 3, "three kinds, three statements: {deeper}");
+    assert!(cold_one <= 2, "one cold offer: {cold_one}");
+    assert!(cold_hundred <= 3, "100 cold offers cost {cold_hundred} statements (entity cache off: 2)");
+    assert!(half <= 3, "100 offers, 50 of them new: {half}");
+    assert_eq!(warm, 0, "a warm entity fetch runs no SQL");
+    drop(app);
+    admin.close().await;
 }

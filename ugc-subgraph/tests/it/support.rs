@@ -64,6 +64,11 @@ impl TestApp {
         Self::start_instance(db_url, vars, true).await
     }
 
+    /// [`TestApp::start_without_background`] on an existing database.
+    pub async fn start_without_background_on(db_url: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start_instance(db_url, vars, false).await
+    }
+
     /// An instance without its background relay and listener: a test plays
     /// their part at exactly the moment it wants.
     pub async fn start_without_background(vars: &[(&str, &str)]) -> Self {
