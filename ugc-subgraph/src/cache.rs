@@ -22,6 +22,7 @@
 //!   source with no error.
 //! * **Public data only.** Keys name only what every caller may see.
 
+mod gate;
 mod generations;
 mod hot;
 pub mod key;
@@ -40,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 pub use crate::redis::BreakerState;
+pub use gate::L1Gate;
 pub use key::{CacheKey, CachedValue, Kind, Tag};
 
 use crate::config::CacheConfig;
@@ -120,6 +122,7 @@ struct Inner<S: Source> {
     negative_seen: moka::sync::Cache<u64, ()>,
     l2: Option<L2>,
     gens: Generations,
+    gate: L1Gate,
     hot: HotKeys,
     /// Keys being loaded on this instance; waiters watch for the sender to drop.
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<()>>>,
@@ -159,6 +162,7 @@ impl<S: Source> Cache<S> {
             source,
             l2,
             gens: Generations::default(),
+            gate: L1Gate::default(),
             inflight: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashSet::new()),
             refresh_tx,
@@ -176,6 +180,11 @@ impl<S: Source> Cache<S> {
 
     pub fn enabled(&self) -> bool {
         self.inner.config.enabled
+    }
+
+    /// Whether this instance may serve from L1 (see [`L1Gate`]).
+    pub fn gate(&self) -> &L1Gate {
+        &self.inner.gate
     }
 
     /// L2 state for readiness: `None` when no Redis is configured.
@@ -266,6 +275,9 @@ impl<S: Source> Cache<S> {
     /// freshness of the original load, not of the copy.
     pub async fn fresh_until(&self, key: &CacheKey) -> Option<Instant> {
         let inner = &self.inner;
+        if !inner.gate.is_open(Instant::now()) {
+            return None;
+        }
         let entry = match inner.l1.get(key).await {
             Some(entry) => entry,
             None => inner.l1_negative.get(key).await?,
@@ -433,6 +445,12 @@ impl<S: Source> Inner<S> {
         if count && self.hot.touch(key).1 {
             self.metrics.hot_keys.inc();
             tracing::info!(kind, "hot key detected; kept longer in L1");
+        }
+        if !self.gate.is_open(Instant::now()) {
+            // Possibly behind the invalidation stream: L2 and the source
+            // are what a writer made current before answering.
+            record("fenced");
+            return Lookup::Miss;
         }
         let entry = match self.l1.get(key).await {
             Some(entry) => Some(entry),

@@ -33,6 +33,7 @@ pub const DEFAULT_LEASE_WAIT_MS: u64 = 150;
 pub const DEFAULT_HOT_KEY_PER_SEC: u64 = 20;
 pub const DEFAULT_STALE_CHECK_RATE: f64 = 0.001;
 pub const DEFAULT_STALE_WINDOW_MS: u64 = 1_000;
+pub const DEFAULT_WRITE_VISIBILITY_TIMEOUT_MS: u64 = 100;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 256;
@@ -196,6 +197,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// How a write becomes visible on every instance (`events/visibility.rs`).
+#[derive(Debug, Clone)]
+pub struct CoherenceConfig {
+    /// How long a mutation waits for every live instance to acknowledge its
+    /// invalidation; an instance that has not by then stops serving its L1
+    /// until it has caught up. Zero: no waiting (other instances' L1s catch
+    /// up within the fan-out lag).
+    pub write_visibility_timeout: Duration,
+}
+
 #[derive(Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -206,6 +217,7 @@ pub struct Config {
     pub domain: DomainConfig,
     pub cache: CacheConfig,
     pub rate_limit: RateLimitConfig,
+    pub coherence: CoherenceConfig,
     /// Bearer token other subgraphs present on `POST /events`; the endpoint
     /// is disabled without it.
     pub events_token: Option<String>,
@@ -359,9 +371,17 @@ impl Config {
         if events_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(env.invalid("UGC_EVENTS_TOKEN", "must be at least 16 bytes"));
         }
+        let coherence = CoherenceConfig {
+            write_visibility_timeout: Duration::from_millis(env.parse_in(
+                "UGC_WRITE_VISIBILITY_TIMEOUT_MS",
+                DEFAULT_WRITE_VISIBILITY_TIMEOUT_MS,
+                0..=10_000,
+            )?),
+        };
         Ok(Self {
             cache,
             rate_limit,
+            coherence,
             events_token,
             database,
             redis_url,

@@ -18,6 +18,7 @@ pub mod cascade;
 pub mod external;
 pub mod fanout;
 pub mod relay;
+pub mod visibility;
 
 use serde::{Deserialize, Serialize};
 

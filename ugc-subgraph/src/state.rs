@@ -74,7 +74,7 @@ impl AppState {
         let clients = Arc::new(ClientResolver::new(config.auth.trusted_proxies.clone()));
         let cost = Arc::new(CostGuard::new(config.graphql.clone()));
         let cache = loaders.cache.clone();
-        let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics));
+        let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics), &config.coherence);
         let entity_cache = Arc::new(EntityCache::new(
             config.cache.enabled && config.cache.entity_cache,
             config.cache.l1_max_bytes / 2,
@@ -105,6 +105,7 @@ impl AppState {
         let mut tasks = vec![
             tokio::spawn(self.events.clone().run_relay(stop.clone())),
             tokio::spawn(fanout::run(self.events.clone(), self.store.listen_pool().clone(), stop.clone())),
+            tokio::spawn(Arc::clone(self.events.visibility()).run(stop.clone())),
         ];
         let (cache, limits, stop) = (self.cache.clone(), Arc::clone(&self.limits), stop.clone());
         tasks.push(tokio::spawn(async move {

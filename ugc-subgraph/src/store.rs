@@ -7,6 +7,7 @@
 //! read path can be observed from `/metrics`.
 
 mod external;
+mod instances;
 pub mod outbox;
 mod pages;
 mod reads;

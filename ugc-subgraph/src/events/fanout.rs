@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cascade;
 use super::relay::{Events, Invalidation, INVALIDATE_CHANNEL};
+use super::visibility::ACK_CHANNEL;
 use crate::store::outbox::{EPOCH_CHANNEL, WAKE_CHANNEL};
 
 /// Listens until `stop`, reconnecting with back-off.
@@ -27,7 +28,12 @@ pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
                 continue;
             }
         };
-        if let Err(e) = listener.listen_all([INVALIDATE_CHANNEL, WAKE_CHANNEL, EPOCH_CHANNEL]).await {
+        let visibility = events.visibility();
+        let mut channels = vec![INVALIDATE_CHANNEL, WAKE_CHANNEL, EPOCH_CHANNEL];
+        if visibility.enabled() {
+            channels.extend([ACK_CHANNEL, visibility.tick_channel()]);
+        }
+        if let Err(e) = listener.listen_all(channels).await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
             continue;
         }
@@ -47,6 +53,8 @@ pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
             match received {
                 Ok(Some(n)) if n.channel() == WAKE_CHANNEL => events.wake(),
                 Ok(Some(n)) if n.channel() == EPOCH_CHANNEL => sync_epoch(&events).await,
+                Ok(Some(n)) if n.channel() == ACK_CHANNEL => visibility.on_ack(n.payload()),
+                Ok(Some(n)) if n.channel() == visibility.tick_channel() => visibility.on_tick(n.payload()),
                 Ok(Some(n)) => apply(&events, n.payload()),
                 // The connection dropped; try_recv reconnects next time.
                 Ok(None) => lost(&events, "listener connection lost"),
@@ -84,6 +92,7 @@ fn apply(events: &Events, payload: &str) {
     };
     if note.origin == events.origin() {
         // Our own relay: this instance's L1 was invalidated before the notify.
+        events.visibility().applied(note.id);
         return;
     }
     if note.all {
@@ -92,6 +101,7 @@ fn apply(events: &Events, payload: &str) {
         let tags: Vec<_> = note.tags.iter().filter_map(|t| cascade::decode(t)).collect();
         events.cache().invalidate_local(&tags);
     }
+    events.visibility().applied(note.id);
     let lag = (Utc::now().timestamp_micros() - note.at_us).max(0) as f64 / 1e6;
     events.metrics().invalidation_lag.observe(lag);
     events.metrics().events_applied.inc();

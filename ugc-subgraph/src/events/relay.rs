@@ -20,7 +20,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::cascade;
+use super::visibility::Visibility;
 use crate::cache::Tag;
+use crate::config::CoherenceConfig;
 use crate::loaders::ReadCache;
 use crate::store::outbox::OutboxEvent;
 use crate::store::{Store, StoreError};
@@ -57,6 +59,7 @@ pub struct Invalidation {
 pub struct Events {
     /// Identifies this instance in its notifications.
     origin: u64,
+    visibility: Arc<Visibility>,
     store: Store,
     cache: ReadCache,
     metrics: Arc<Metrics>,
@@ -64,8 +67,21 @@ pub struct Events {
 }
 
 impl Events {
-    pub fn new(store: Store, cache: ReadCache, metrics: Arc<Metrics>) -> Self {
-        Self { origin: rand::random::<u64>() | 1, store, cache, metrics, wake: Arc::new(Notify::new()) }
+    pub fn new(store: Store, cache: ReadCache, metrics: Arc<Metrics>, coherence: &CoherenceConfig) -> Self {
+        // Positive as an i64 too (the registry stores it as `bigint`).
+        let origin = (rand::random::<u64>() >> 1) | 1;
+        let visibility = Arc::new(Visibility::new(
+            origin,
+            coherence.write_visibility_timeout,
+            store.clone(),
+            cache.clone(),
+            Arc::clone(&metrics),
+        ));
+        Self { origin, visibility, store, cache, metrics, wake: Arc::new(Notify::new()) }
+    }
+
+    pub fn visibility(&self) -> &Arc<Visibility> {
+        &self.visibility
     }
 
     pub fn origin(&self) -> u64 {
@@ -91,14 +107,21 @@ impl Events {
 
     /// Relays one event right after its transaction committed. Waits for a
     /// relay that already holds it, so that on return the event has been
-    /// applied by someone. Failures are logged: the background relay retries.
+    /// applied by someone, then for every live instance to acknowledge it
+    /// (bounded; see `visibility.rs`). Failures are logged: the background
+    /// relay retries.
     pub async fn after_commit(&self, event_id: i64, tags: &[Tag]) {
         // Whatever happens below, this instance's L1 must not serve the old
         // value to this caller's next request.
         self.cache.invalidate_local(tags);
+        // Before relaying: acknowledgements may arrive as soon as it commits.
+        let pending = self.visibility.expect(event_id);
         if let Err(e) = self.relay(Some(event_id)).await {
             tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
             self.wake();
+        }
+        if let Some(pending) = pending {
+            self.visibility.wait(pending).await;
         }
     }
 

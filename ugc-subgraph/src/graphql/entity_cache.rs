@@ -143,7 +143,9 @@ impl EntityCache {
         request: &async_graphql::Request,
         auth: &RequestAuth,
     ) -> Option<String> {
-        if !self.enabled {
+        // Fragments are L1 too: not served while this instance may be
+        // behind the invalidation stream.
+        if !self.enabled || !self.cache.gate().is_open(Instant::now()) {
             return None;
         }
         let known = self.shape(&request.query, request.operation_name.as_deref())?;

@@ -96,6 +96,16 @@ pub struct Metrics {
     /// Negative results (unknown ids, empty pages) written to L2: only
     /// those read again, so a flood of random ids stays out of Redis.
     pub negative_promotions: Counter,
+    /// Time a mutation waited for every live instance to acknowledge its
+    /// invalidation, by outcome (acknowledged, timeout).
+    pub write_visibility_wait: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Mutations that answered after the visibility time-out (some instance
+    /// did not acknowledge; it serves no L1 until caught up).
+    pub write_visibility_timeouts: Counter,
+    /// Live instances (this one included), as last read by a writer.
+    pub instances_live: Gauge,
+    /// Acknowledgement notifications sent by this instance.
+    pub visibility_acks_sent: Counter,
 }
 
 pub const STATEMENT: &str = "statement";
@@ -145,6 +155,10 @@ impl Metrics {
             load_shed: Counter::default(),
             cost_rejections: Family::default(),
             negative_promotions: Counter::default(),
+            write_visibility_wait: Family::new_with_constructor(latency_histogram),
+            write_visibility_timeouts: Counter::default(),
+            instances_live: Gauge::default(),
+            visibility_acks_sent: Counter::default(),
         };
         let mut registry = Registry::with_prefix("ugc");
         registry.register("sql_statements", "SQL statements executed", m.sql_statements.clone());
@@ -212,6 +226,18 @@ impl Metrics {
             "Negative results written to L2 after a second read",
             m.negative_promotions.clone(),
         );
+        registry.register(
+            "write_visibility_wait_seconds",
+            "Mutation wait for every live instance's acknowledgement",
+            m.write_visibility_wait.clone(),
+        );
+        registry.register(
+            "write_visibility_timeouts",
+            "Mutations answered after the visibility time-out",
+            m.write_visibility_timeouts.clone(),
+        );
+        registry.register("instances_live", "Live instances, as last read by a writer", m.instances_live.clone());
+        registry.register("visibility_acks_sent", "Acknowledgement notifications sent", m.visibility_acks_sent.clone());
         Self { registry, ..m }
     }
 

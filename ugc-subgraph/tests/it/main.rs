@@ -15,3 +15,4 @@ mod schema;
 mod seed;
 mod sql_bound;
 mod support;
+mod visibility;

@@ -102,6 +102,12 @@ impl TestApp {
             ("UGC_RATE_LIMIT_USER_WRITE_PER_SEC".into(), "1000000".into()),
             ("UGC_RATE_LIMIT_USER_WRITE_BURST".into(), "1000000".into()),
         ];
+        // The write visibility protocol is on, with a window that a debug
+        // build on a loaded 2-core machine keeps (ticks every 500 ms): a
+        // stalled tick would close L1 and change what tests count. An
+        // instance without a listener cannot take part: off.
+        let visibility = if background { "2000" } else { "0" };
+        env.push(("UGC_WRITE_VISIBILITY_TIMEOUT_MS".into(), visibility.into()));
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(env).expect("valid test configuration");
         let state = AppState::build(config).unwrap();
@@ -114,6 +120,14 @@ impl TestApp {
             state.spawn_background(&stop);
         }
         tokio::spawn(server::serve(listener, state.clone(), stop.clone().cancelled_owned()));
+        if background {
+            // Serving from L1 starts once the instance is listening and
+            // registered (events/visibility.rs): a test starts after that.
+            let open =
+                eventually(Duration::from_secs(10), async || state.cache.gate().is_open(std::time::Instant::now()))
+                    .await;
+            assert!(open, "the instance never joined the live set");
+        }
         let db = PgPool::connect(db_url).await.unwrap();
         Self { addr, db_url: db_url.to_owned(), prefix, db, state, client: reqwest::Client::new(), stop }
     }
@@ -147,7 +161,13 @@ impl TestApp {
     /// less those of the background work (relay polling, epoch checks,
     /// readiness) that runs whenever it likes.
     pub async fn sql_statements(&self) -> u64 {
-        const BACKGROUND: [&str; 9] = [
+        const BACKGROUND: [&str; 15] = [
+            "heartbeat",
+            "live_instances",
+            "deregister",
+            "forget_instances",
+            "tick",
+            "ack",
             "claim_outbox",
             "finish_outbox",
             "retry_outbox",
