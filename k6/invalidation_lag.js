@@ -5,12 +5,16 @@
 //   k6 run -e A=… -e B=… -e C=… -e SECRET=… -e REVIEWS=id,id,… k6/invalidation_lag.js
 import http from 'k6/http';
 import { check } from 'k6';
+import { Trend } from 'k6/metrics';
 import { jwt } from './lib.js';
 
 const [A, B, C] = [__ENV.A, __ENV.B, __ENV.C];
 const REVIEWS = (__ENV.REVIEWS || '').split(',');
 const OFFERS = (__ENV.LAG_OFFERS || 'offer-000001').split(',');
 const headers = { 'content-type': 'application/json' };
+// Mutation latency: with the write visibility protocol on, it includes the
+// wait for every instance's acknowledgement.
+const writeMs = new Trend('write_ms', true);
 const token = jwt(__ENV.SECRET, { sub: 'bench-moderator', roles: ['moderator'], exp: Math.floor(Date.now() / 1000) + 3600 });
 
 export const options = {
@@ -29,6 +33,7 @@ export function write() {
     variables: { id, t: `edited at ${Date.now()}` },
   });
   const res = http.post(A, body, { headers: { ...headers, authorization: `Bearer ${token}` } });
+  writeMs.add(res.timings.duration);
   check(res, { 'write ok': (r) => r.status === 200 && !r.json('errors') });
 }
 

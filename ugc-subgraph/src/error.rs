@@ -125,6 +125,9 @@ impl From<WriteError> for ApiError {
             WriteError::NotFound => Self::NotFound("review not found".into()),
             WriteError::Forbidden => Self::Forbidden("only the author or a moderator may change this review".into()),
             WriteError::Conflict => Self::Conflict("you have already reviewed this offer".into()),
+            // Resolved by the mutation (it answers the stored outcome); here
+            // only if that outcome could not be read.
+            WriteError::Replayed => Self::Unavailable,
             WriteError::Store(e) => e.into(),
         }
     }

@@ -22,7 +22,7 @@ use crate::http::auth::AuthError;
 use crate::loaders::Loaders;
 use crate::store::Store;
 
-pub use mutation::Mutation;
+pub use mutation::{IdempotencyHeader, Mutation};
 
 #[derive(MergedObject, Default)]
 pub struct Query(query::RootQuery, entities::EntityQuery);

@@ -7,6 +7,7 @@
 //! read path can be observed from `/metrics`.
 
 mod external;
+pub mod idempotency;
 mod instances;
 pub mod outbox;
 mod pages;
@@ -61,6 +62,10 @@ pub enum WriteError {
     Forbidden,
     #[error("you have already reviewed this offer")]
     Conflict,
+    /// Another write committed with the same idempotency key: its stored
+    /// outcome is the answer.
+    #[error("already written with this idempotency key")]
+    Replayed,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -197,6 +197,9 @@ impl Events {
                     Ok(n) => tracing::debug!(pruned = n, "outbox pruned"),
                     Err(e) => tracing::warn!(error = %e, "outbox pruning failed"),
                 }
+                if let Err(e) = self.store.prune_keys().await {
+                    tracing::warn!(error = %e, "idempotency key pruning failed");
+                }
             }
         }
     }

@@ -6,10 +6,11 @@ use async_graphql::{Context, InputObject, Object, ID};
 use super::types::ReviewObject;
 use super::RequestAuth;
 use crate::config::DomainConfig;
-use crate::domain::{parse_review_id, EntityId, InvalidInput, Rating, ReviewStatus, ReviewText, Viewer};
+use crate::domain::{parse_review_id, EntityId, InvalidInput, Rating, Review, ReviewStatus, ReviewText, Viewer};
 use crate::error::ApiError;
 use crate::events::{cascade, Events};
-use crate::store::{Committed, NewReview, ReviewPatch, Store};
+use crate::store::idempotency::{IdempotencyKey, Outcome};
+use crate::store::{Committed, NewReview, ReviewPatch, Store, WriteError};
 
 #[derive(InputObject)]
 pub struct CreateReviewInput {
@@ -39,6 +40,67 @@ async fn publish<T>(ctx: &Context<'_>, committed: Committed<T>) -> T {
     committed.value
 }
 
+/// The `Idempotency-Key` header of the request (validated by the HTTP layer).
+#[derive(Debug, Clone)]
+pub struct IdempotencyHeader(pub String);
+
+/// This write's idempotency key, when the request carries one: scoped to the
+/// writer, and fingerprinted with the mutation and its arguments so that a
+/// key reused for another write is refused rather than answered wrongly.
+fn idempotency_key(ctx: &Context<'_>, viewer: &Viewer, mutation: &str, args: String) -> Option<IdempotencyKey> {
+    let header = ctx.data_opt::<IdempotencyHeader>()?;
+    let user = viewer.user_id()?.to_owned();
+    Some(IdempotencyKey { user, key: header.0.clone(), fingerprint: format!("{mutation}:{args}") })
+}
+
+/// The answer of a keyed write: replayed when the key's write committed
+/// already (before this one started, or while it waited on the key),
+/// otherwise the write itself, published.
+async fn keyed<T>(
+    ctx: &Context<'_>,
+    key: Option<IdempotencyKey>,
+    replay: fn(Outcome) -> Option<T>,
+    write: impl AsyncFnOnce(Option<&IdempotencyKey>) -> Result<Committed<T>, WriteError>,
+) -> Result<T, ApiError> {
+    let store = ctx.data_unchecked::<Store>();
+    let replayed = async |key: &IdempotencyKey| -> Result<Option<T>, ApiError> {
+        let Some(recorded) = store.recorded(key).await? else { return Ok(None) };
+        if recorded.fingerprint != key.fingerprint {
+            return Err(ApiError::BadUserInput(
+                "this Idempotency-Key was used for a different write; use a new key for each write".into(),
+            ));
+        }
+        replay(recorded.outcome).map(Some).ok_or(ApiError::Internal)
+    };
+    if let Some(key) = &key {
+        if let Some(answer) = replayed(key).await? {
+            return Ok(answer);
+        }
+    }
+    match write(key.as_ref()).await {
+        Ok(committed) => Ok(publish(ctx, committed).await),
+        Err(WriteError::Replayed) => match &key {
+            Some(key) => replayed(key).await?.ok_or(ApiError::Unavailable),
+            None => Err(ApiError::Internal),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn review_outcome(outcome: Outcome) -> Option<Review> {
+    match outcome {
+        Outcome::Review(review) => Some(review),
+        Outcome::Deleted(_) => None,
+    }
+}
+
+fn deleted_outcome(outcome: Outcome) -> Option<bool> {
+    match outcome {
+        Outcome::Deleted(deleted) => Some(deleted),
+        Outcome::Review(_) => None,
+    }
+}
+
 /// An id the service did not issue names no review.
 fn unknown_review() -> ApiError {
     ApiError::NotFound("review not found".into())
@@ -58,8 +120,11 @@ impl Mutation {
             text: ReviewText::new(&input.text)?,
             status: if moderated { ReviewStatus::Pending } else { ReviewStatus::Published },
         };
-        let committed = ctx.data_unchecked::<Store>().create_review(new).await?;
-        Ok(ReviewObject(publish(ctx, committed).await.into()))
+        let args = format!("{}:{}:{}", new.offer_id.as_str(), new.rating.get(), new.text.as_str());
+        let key = idempotency_key(ctx, viewer, "createReview", args);
+        let store = ctx.data_unchecked::<Store>();
+        let review = keyed(ctx, key, review_outcome, async |key| store.create_review(new, key).await).await?;
+        Ok(ReviewObject(review.into()))
     }
 
     /// Only the author or a moderator.
@@ -78,16 +143,22 @@ impl Mutation {
         if patch.rating.is_none() && patch.text.is_none() {
             return Err(InvalidInput::EmptyUpdate.into());
         }
-        let committed = ctx.data_unchecked::<Store>().update_review(viewer, id, patch).await?;
-        Ok(ReviewObject(publish(ctx, committed).await.into()))
+        let args =
+            format!("{id}:{:?}:{:?}", patch.rating.map(Rating::get), patch.text.as_ref().map(ReviewText::as_str));
+        let key = idempotency_key(ctx, viewer, "updateReview", args);
+        let store = ctx.data_unchecked::<Store>();
+        let review =
+            keyed(ctx, key, review_outcome, async |key| store.update_review(viewer, id, patch, key).await).await?;
+        Ok(ReviewObject(review.into()))
     }
 
     /// Soft delete; only the author or a moderator. True when a review was deleted.
     async fn delete_review(&self, ctx: &Context<'_>, id: ID) -> Result<bool, ApiError> {
         let viewer = writer(ctx)?;
         let id = parse_review_id(&id).map_err(|_| unknown_review())?;
-        let committed = ctx.data_unchecked::<Store>().delete_review(viewer, id).await?;
-        Ok(publish(ctx, committed).await)
+        let key = idempotency_key(ctx, viewer, "deleteReview", id.to_string());
+        let store = ctx.data_unchecked::<Store>();
+        keyed(ctx, key, deleted_outcome, async |key| store.delete_review(viewer, id, key).await).await
     }
 
     /// Moderators only.
@@ -97,7 +168,9 @@ impl Mutation {
             return Err(ApiError::Forbidden("only moderators may moderate reviews".into()));
         }
         let id = parse_review_id(&id).map_err(|_| unknown_review())?;
-        let committed = ctx.data_unchecked::<Store>().moderate_review(id, status).await?;
-        Ok(ReviewObject(publish(ctx, committed).await.into()))
+        let key = idempotency_key(ctx, viewer, "moderateReview", format!("{id}:{}", status.as_str()));
+        let store = ctx.data_unchecked::<Store>();
+        let review = keyed(ctx, key, review_outcome, async |key| store.moderate_review(id, status, key).await).await?;
+        Ok(ReviewObject(review.into()))
     }
 }

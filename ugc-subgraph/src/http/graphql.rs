@@ -23,7 +23,7 @@ use axum::Extension;
 use super::client::ClientAddr;
 use super::layers::{error_body, too_many_requests};
 use crate::graphql::cost::{self, Admitted, CostError, Verdict};
-use crate::graphql::RequestAuth;
+use crate::graphql::{IdempotencyHeader, RequestAuth};
 use crate::state::AppState;
 
 const JSON: &str = "application/json";
@@ -82,6 +82,10 @@ pub async fn execute(
             return reject(&state, StatusCode::BAD_REQUEST, error.code(), &error.to_string());
         }
     };
+    let idempotency = match idempotency_header(&headers) {
+        Ok(key) => key,
+        Err(message) => return reject(&state, StatusCode::BAD_REQUEST, "BAD_USER_INPUT", message),
+    };
     let auth = RequestAuth(state.auth.viewer(&headers));
     if admitted.mutation && state.limits.enabled {
         let client = client.map_or_else(|| "127.0.0.1".to_owned(), |Extension(c)| c.0.to_string());
@@ -117,7 +121,10 @@ pub async fn execute(
             }
         }
     }
-    let batch = batch.data(auth);
+    let mut batch = batch.data(auth);
+    if let Some(key) = idempotency {
+        batch = batch.data(key);
+    }
     // A mutation is not cut off by the request time-out: once its
     // transaction commits, the answer must say so (a 504 for a committed
     // write makes the client's retry a second write, or a CONFLICT).
@@ -302,4 +309,15 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .unwrap_or("unknown panic");
     tracing::error!(panic = detail, "handler panicked");
     json_response(StatusCode::INTERNAL_SERVER_ERROR, JSON, &error_body("INTERNAL_SERVER_ERROR", "internal error"))
+}
+
+/// The `Idempotency-Key` header: 1–255 visible ASCII characters.
+fn idempotency_header(headers: &HeaderMap) -> Result<Option<IdempotencyHeader>, &'static str> {
+    const INVALID: &str = "the Idempotency-Key header must be 1 to 255 visible ASCII characters";
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().map_err(|_| INVALID)?;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(INVALID);
+    }
+    Ok(Some(IdempotencyHeader(key.to_owned())))
 }

@@ -5,6 +5,7 @@
 
 use sqlx::{PgConnection, Postgres, Transaction};
 
+use super::idempotency::{IdempotencyKey, Outcome};
 use super::{review_from_row, Store, StoreError, WriteError, REVIEW_COLUMNS};
 use crate::domain::{EntityId, Rating, Review, ReviewStatus, ReviewText, Viewer};
 use crate::events::{Event, ReviewChange};
@@ -50,8 +51,12 @@ impl Store {
     ///
     /// # Errors
     /// `Conflict`, or the store failing.
-    pub async fn create_review(&self, new: NewReview) -> Result<Committed<Review>, WriteError> {
-        let mut tx = self.begin().await?;
+    pub async fn create_review(
+        &self,
+        new: NewReview,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Committed<Review>, WriteError> {
+        let mut tx = self.begin_keyed(key).await?;
         let sql = format!(
             "INSERT INTO reviews AS r (offer_id, author_id, rating, body, status) VALUES ($1, $2, $3, $4, $5) \
              RETURNING {REVIEW_COLUMNS}"
@@ -78,6 +83,7 @@ impl Store {
         };
         let review = review_from_row(&row)?;
         let event = self.append_event(&mut tx, &review, ReviewChange::Created).await?;
+        self.record(&mut tx, key, || Outcome::Review(review.clone())).await?;
         self.commit(tx).await?;
         Ok(Committed { value: review, event: Some(event) })
     }
@@ -92,8 +98,9 @@ impl Store {
         viewer: &Viewer,
         id: i64,
         patch: ReviewPatch,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Committed<Review>, WriteError> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_keyed(key).await?;
         let current = live_editable(viewer, self.lock(&mut tx, id).await?)?;
         let sql = format!(
             "UPDATE reviews r SET rating = COALESCE($2, rating), body = COALESCE($3, body), \
@@ -112,6 +119,7 @@ impl Store {
             .await?;
         let review = review_from_row(&row)?;
         let event = self.append_event(&mut tx, &review, ReviewChange::Updated).await?;
+        self.record(&mut tx, key, || Outcome::Review(review.clone())).await?;
         self.commit(tx).await?;
         Ok(Committed { value: review, event: Some(event) })
     }
@@ -121,8 +129,13 @@ impl Store {
     ///
     /// # Errors
     /// `NotFound`, `Forbidden`, or the store failing.
-    pub async fn delete_review(&self, viewer: &Viewer, id: i64) -> Result<Committed<bool>, WriteError> {
-        let mut tx = self.begin().await?;
+    pub async fn delete_review(
+        &self,
+        viewer: &Viewer,
+        id: i64,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Committed<bool>, WriteError> {
+        let mut tx = self.begin_keyed(key).await?;
         let current = match self.lock(&mut tx, id).await? {
             Locked::Deleted(review) if viewer.can_edit(&review) => return Ok(Committed { value: false, event: None }),
             locked => live_editable(viewer, locked)?,
@@ -135,6 +148,7 @@ impl Store {
         let row = self.timed("delete_review", sqlx::query(&sql).bind(current.id).fetch_one(&mut *tx)).await?;
         let review = review_from_row(&row)?;
         let event = self.append_event(&mut tx, &review, ReviewChange::Deleted).await?;
+        self.record(&mut tx, key, || Outcome::Deleted(true)).await?;
         self.commit(tx).await?;
         Ok(Committed { value: true, event: Some(event) })
     }
@@ -144,8 +158,13 @@ impl Store {
     ///
     /// # Errors
     /// `NotFound`, or the store failing.
-    pub async fn moderate_review(&self, id: i64, status: ReviewStatus) -> Result<Committed<Review>, WriteError> {
-        let mut tx = self.begin().await?;
+    pub async fn moderate_review(
+        &self,
+        id: i64,
+        status: ReviewStatus,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Committed<Review>, WriteError> {
+        let mut tx = self.begin_keyed(key).await?;
         let Locked::Live(current) = self.lock(&mut tx, id).await? else {
             return Err(WriteError::NotFound);
         };
@@ -159,12 +178,38 @@ impl Store {
             .await?;
         let review = review_from_row(&row)?;
         let event = self.append_event(&mut tx, &review, ReviewChange::Moderated).await?;
+        self.record(&mut tx, key, || Outcome::Review(review.clone())).await?;
         self.commit(tx).await?;
         Ok(Committed { value: review, event: Some(event) })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         self.timed("begin", self.primary.begin()).await
+    }
+
+    /// Begins a write, claiming its idempotency key first: `Replayed` when
+    /// a write with that key committed (after waiting for one in flight).
+    async fn begin_keyed(&self, key: Option<&IdempotencyKey>) -> Result<Transaction<'static, Postgres>, WriteError> {
+        let mut tx = self.begin().await?;
+        if let Some(key) = key {
+            if !self.claim_key(&mut tx, key).await? {
+                return Err(WriteError::Replayed);
+            }
+        }
+        Ok(tx)
+    }
+
+    /// Stores the outcome of a keyed write before it commits.
+    async fn record(
+        &self,
+        conn: &mut PgConnection,
+        key: Option<&IdempotencyKey>,
+        outcome: impl FnOnce() -> Outcome,
+    ) -> Result<(), StoreError> {
+        match key {
+            Some(key) => self.record_outcome(conn, key, &outcome()).await,
+            None => Ok(()),
+        }
     }
 
     async fn commit(&self, tx: Transaction<'static, Postgres>) -> Result<(), StoreError> {

@@ -445,7 +445,7 @@ async fn the_writer_waits_for_a_relay_that_holds_its_event() {
         text: ReviewText::new("held").unwrap(),
         status: ReviewStatus::Published,
     };
-    let (id, event) = a.state.store.create_review(new).await.unwrap().event.unwrap();
+    let (id, event) = a.state.store.create_review(new, None).await.unwrap().event.unwrap();
     let tags = cascade::tags(&event);
     // A "background relay" claims the row first.
     let mut relay = a.db.begin().await.unwrap();

@@ -180,3 +180,67 @@ async fn a_committed_write_is_answered_as_success_even_past_the_request_timeout(
     let read = app.gql("{ __typename }", json!({})).await;
     assert!(read["errors"].is_null());
 }
+
+/// A client that lost a write's answer retries with the same
+/// `Idempotency-Key` and gets the first answer: no second effect, no
+/// CONFLICT, also when both attempts run at once.
+#[tokio::test]
+async fn a_write_retried_with_its_idempotency_key_gets_the_first_answer() {
+    let app = TestApp::start().await;
+    let alice = token("alice", &[]);
+    let send = async |key: &str, query: &str, variables: Value| -> (u16, Value) {
+        let r = app
+            .client()
+            .post(app.url("/graphql"))
+            .bearer_auth(&alice)
+            .header("Idempotency-Key", key)
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    };
+    let input = json!({ "input": { "offerId": "offer-idem", "rating": 4, "text": "First try." } });
+
+    // Two attempts at once, then a late retry: one review, one answer.
+    let (first, second) =
+        tokio::join!(send("create-1", CREATE, input.clone()), send("create-1", CREATE, input.clone()));
+    let late = send("create-1", CREATE, input.clone()).await;
+    for (status, body) in [&first, &second, &late] {
+        assert_eq!(*status, 200, "{body}");
+        assert!(body["errors"].is_null(), "{body}");
+        assert_eq!(body["data"]["createReview"], first.1["data"]["createReview"], "the first answer, again");
+    }
+    let id = first.1["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.count("SELECT count(*) FROM reviews WHERE offer_id = 'offer-idem'").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1, "one write, one event");
+    // Without a key, a second create is still a CONFLICT.
+    assert_eq!(error_code(&create(&app, "alice", "offer-idem", 4, "again").await), Some("CONFLICT"));
+
+    // An update retried: the version moves once, the answer repeats.
+    let patch = json!({ "id": id, "input": { "text": "Edited once." } });
+    let (_, edited) = send("update-1", UPDATE, patch.clone()).await;
+    let (_, retried) = send("update-1", UPDATE, patch).await;
+    assert_eq!(edited["data"]["updateReview"]["text"], "Edited once.", "{edited}");
+    assert_eq!(retried, edited);
+    assert_eq!(app.count("SELECT version FROM reviews WHERE offer_id = 'offer-idem'").await, 2);
+
+    // The same key for another write is refused and changes nothing.
+    let (status, reused) = send("update-1", UPDATE, json!({ "id": id, "input": { "text": "Sneaky." } })).await;
+    assert_eq!((status, error_code(&reused)), (200, Some("BAD_USER_INPUT")), "{reused}");
+    assert!(reused["errors"][0]["message"].as_str().unwrap().contains("Idempotency-Key"));
+    assert_eq!(app.gql(REVIEW, json!({ "id": id })).await["data"]["review"]["text"], "Edited once.");
+
+    // A delete retried answers true twice (not false the second time).
+    let (_, deleted) = send("delete-1", DELETE, json!({ "id": id })).await;
+    let (_, again) = send("delete-1", DELETE, json!({ "id": id })).await;
+    assert_eq!(
+        (deleted["data"]["deleteReview"].clone(), again["data"]["deleteReview"].clone()),
+        (json!(true), json!(true))
+    );
+
+    // A malformed key is a clear 400 before anything runs.
+    let (status, bad) = send(&"k".repeat(256), DELETE, json!({ "id": id })).await;
+    assert_eq!((status, error_code(&bad)), (400, Some("BAD_USER_INPUT")), "{bad}");
+    assert_eq!(app.count("SELECT count(*) FROM idempotency_keys").await, 3, "create, update, delete");
+}
