@@ -22,13 +22,16 @@
 //! - [`loaders`]: the only read path of resolvers; L1 fast path, DataLoader batching across requests,
 //!   where the cache meets the store; the stale-read detector.
 //! - [`cache`]: the tiered cache (moka L1, Redis L2): fenced fills, single-flight, leases,
-//!   stale serving, XFetch, hot keys, negative results on their own budget; knows nothing about SQL.
+//!   stale serving, XFetch, hot keys, negative results on their own budget, the L1 gate
+//!   ([`cache::L1Gate`]: no L1 while the instance may be behind); knows nothing about SQL.
 //! - [`redis`]: the instance's one Redis client (timeouts, circuit breaker), shared by L2 and the
 //!   rate limits.
-//! - [`store`]: all SQL: batched reads, keyset pages, transactional writes, seeding.
+//! - [`store`]: all SQL: batched reads, keyset pages, transactional writes (with idempotency keys),
+//!   the live-instance registry, seeding.
 //! - [`domain`]: entities, validation rules, permissions, cursors (pure code).
 //! - [`events`]: entity-change events, the cascade rule, the outbox relay, the LISTEN/NOTIFY fan-out,
-//!   and events from other subgraphs.
+//!   write visibility ([`events::visibility`]: heartbeats, acknowledgements, ticks), and events from
+//!   other subgraphs.
 //! - [`error`]: the error catalogue, mapped once to GraphQL codes and HTTP statuses.
 //! - [`telemetry`]: logging set-up and the metrics registry.
 
