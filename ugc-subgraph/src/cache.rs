@@ -446,7 +446,8 @@ impl<S: Source> Inner<S> {
             self.metrics.hot_keys.inc();
             tracing::info!(kind, "hot key detected; kept longer in L1");
         }
-        if !self.gate.is_open(Instant::now()) {
+        let now = Instant::now();
+        if !self.gate.is_open(now) {
             // Possibly behind the invalidation stream: L2 and the source
             // are what a writer made current before answering.
             record("fenced");
@@ -465,7 +466,6 @@ impl<S: Source> Inner<S> {
             record("miss");
             return Lookup::Miss;
         }
-        let now = Instant::now();
         if now < entry.fresh_until {
             record("hit");
             let draw: f64 = rand::rng().random_range(f64::MIN_POSITIVE..1.0);

@@ -152,19 +152,25 @@ impl Visibility {
             let notified = pending.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let missing: Vec<i64> = match (&live, self.lock().get(&pending.event)) {
-                (Some(live), Some(waiter)) => live.iter().filter(|o| !waiter.acked.contains(o)).copied().collect(),
-                _ => vec![0],
+            // `None`: the live set is unknown, so nobody can be counted out.
+            let missing: Option<Vec<i64>> = match (&live, self.lock().get(&pending.event)) {
+                (Some(live), Some(waiter)) => {
+                    Some(live.iter().filter(|o| !waiter.acked.contains(o)).copied().collect())
+                }
+                _ => None,
             };
-            if missing.is_empty() {
+            if missing.as_ref().is_some_and(Vec::is_empty) {
                 break "acknowledged";
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 self.metrics.write_visibility_timeouts.inc();
-                let missing: Vec<String> = missing.iter().map(|o| format!("{:x}", *o as u64)).collect();
+                let missing = missing.map_or_else(
+                    || "unknown (live set not read)".to_owned(),
+                    |m| m.iter().map(|o| format!("{:x}", *o as u64)).collect::<Vec<_>>().join(","),
+                );
                 tracing::warn!(
                     event = pending.event,
-                    instances = %missing.join(","),
+                    instances = %missing,
                     "instances did not acknowledge a write in time; they serve no L1 until caught up"
                 );
                 break "timeout";

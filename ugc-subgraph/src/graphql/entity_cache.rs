@@ -145,7 +145,8 @@ impl EntityCache {
     ) -> Option<String> {
         // Fragments are L1 too: not served while this instance may be
         // behind the invalidation stream.
-        if !self.enabled || !self.cache.gate().is_open(Instant::now()) {
+        let now = Instant::now();
+        if !self.enabled || !self.cache.gate().is_open(now) {
             return None;
         }
         let known = self.shape(&request.query, request.operation_name.as_deref())?;
@@ -156,7 +157,6 @@ impl EntityCache {
             keys.push(representation(rep, known.serial)?);
         }
 
-        let now = Instant::now();
         let mut parts: Vec<Option<Arc<Fragment>>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (i, key) in keys.iter().enumerate() {
