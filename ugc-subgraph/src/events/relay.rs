@@ -38,9 +38,19 @@ const BATCH: i64 = 200;
 const POLL: Duration = Duration::from_millis(500);
 /// Processed events are kept this long (for inspection), then pruned.
 const KEEP: Duration = Duration::from_secs(3600);
+/// Tags per Redis call (each call has the Redis time-out to itself).
+const L2_CHUNK: usize = 500;
+/// Tags applied per event per relay pass: a huge event (an offer with
+/// 100,000 reviews removed) is applied over several passes, resuming where
+/// the last one stopped, so no pass holds the relay for long.
+pub const TAGS_PER_PASS: usize = 10_000;
+/// Failed passes before an event is parked (100 ms doubling to 60 s: about
+/// 12 minutes of retries).
+pub const MAX_ATTEMPTS: i32 = 20;
 
-/// One notification: an event's tags, or "drop everything" when the tags do
-/// not fit in a payload.
+/// One notification: some of an event's tags (an event with many tags is
+/// sent as several notifications, never as "drop everything"). `all` is only
+/// ever read: older versions sent it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Invalidation {
     pub id: i64,
@@ -127,6 +137,14 @@ impl Events {
 
     /// Claims and applies events; returns how many were claimed.
     ///
+    /// Per event and pass, at most [`TAGS_PER_PASS`] tags from where the last
+    /// pass stopped: each chunk's L2 tokens are advanced, then every
+    /// instance's L1 is told about the same tags (this one's at once, the
+    /// others' by notifications sent on commit). A pass that fails keeps its
+    /// progress, and the event is retried after a back-off; only the tags of
+    /// the failed window are notified again then (an L1 may have refilled
+    /// them from the not yet invalidated L2), never the whole L1.
+    ///
     /// # Errors
     /// Postgres unavailable or failing.
     pub async fn relay(&self, only: Option<i64>) -> Result<usize, StoreError> {
@@ -135,37 +153,50 @@ impl Events {
             tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
             return Ok(0);
         }
-        let (mut done, mut retry) = (Vec::new(), Vec::new());
-        for OutboxEvent { id, event, created_at } in &events {
+        let mut done = Vec::new();
+        let mut retried = 0;
+        for OutboxEvent { id, event, created_at, progress, .. } in &events {
             let tags = cascade::tags(event);
+            let start = (*progress).min(tags.len());
+            let window = &tags[start..(start + TAGS_PER_PASS).min(tags.len())];
             let token = u64::try_from(*id).unwrap_or(0);
-            if self.cache.invalidate_shared(&tags, token).await {
-                done.push(*id);
-            } else {
-                retry.push(*id);
+            let mut applied = 0;
+            for chunk in window.chunks(L2_CHUNK) {
+                if !self.cache.invalidate_shared(chunk, token).await {
+                    break;
+                }
+                applied += chunk.len();
             }
-            self.cache.invalidate_local(&tags);
-            let encoded: Vec<String> = tags.iter().map(cascade::encode).collect();
-            let mut note = Invalidation {
-                id: *id,
-                at_us: created_at.timestamp_micros(),
-                tags: encoded,
-                all: false,
-                origin: self.origin,
-            };
-            let mut payload = serde_json::to_string(&note).unwrap_or_default();
-            if payload.len() > MAX_PAYLOAD {
-                note.tags.clear();
-                note.all = true;
-                payload = serde_json::to_string(&note).unwrap_or_default();
+            self.cache.invalidate_local(window);
+            for payload in notes(*id, created_at.timestamp_micros(), self.origin, window) {
+                self.store.notify(&mut tx, INVALIDATE_CHANNEL, &payload).await?;
             }
-            self.store.notify(&mut tx, INVALIDATE_CHANNEL, &payload).await?;
             self.metrics.events_relayed.inc();
+            let reached = start + applied;
+            if reached == tags.len() {
+                done.push(*id);
+            } else if applied == window.len() {
+                // Bounded, not failed: the next pass resumes at once.
+                self.store.continue_event(&mut tx, *id, reached).await?;
+                self.wake();
+            } else {
+                retried += 1;
+                self.metrics.outbox_retries.inc();
+                if self.store.retry_event(&mut tx, *id, reached, MAX_ATTEMPTS).await? {
+                    self.metrics.outbox_parked.inc();
+                    tracing::error!(
+                        event = id,
+                        applied = reached,
+                        tags = tags.len(),
+                        "outbox event parked after {MAX_ATTEMPTS} failed passes; requeue it once Redis is healthy"
+                    );
+                }
+            }
         }
-        self.store.finish_events(&mut tx, &done, &retry).await?;
+        self.store.finish_events(&mut tx, &done).await?;
         tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
-        if !retry.is_empty() {
-            tracing::warn!(events = retry.len(), "shared cache invalidation deferred (Redis unavailable); will retry");
+        if retried > 0 {
+            tracing::warn!(events = retried, "shared cache invalidation deferred (Redis unavailable); will retry");
         }
         Ok(events.len())
     }
@@ -202,5 +233,52 @@ impl Events {
                 }
             }
         }
+    }
+}
+
+/// The notifications for `tags` of event `id`: as few as fit under
+/// Postgres's payload limit (tags are at most ~70 bytes, so every one fits).
+fn notes(id: i64, at_us: i64, origin: u64, tags: &[Tag]) -> Vec<String> {
+    let encode = |tags: Vec<String>| {
+        serde_json::to_string(&Invalidation { id, at_us, tags, all: false, origin }).unwrap_or_default()
+    };
+    let envelope = encode(Vec::new()).len();
+    let (mut out, mut batch, mut size) = (Vec::new(), Vec::new(), envelope);
+    for tag in tags {
+        let tag = cascade::encode(tag);
+        // Quotes, escapes and the comma: at most twice the tag, plus 3.
+        let cost = 2 * tag.len() + 3;
+        if size + cost > MAX_PAYLOAD && !batch.is_empty() {
+            out.push(encode(std::mem::take(&mut batch)));
+            size = envelope;
+        }
+        size += cost;
+        batch.push(tag);
+    }
+    if !batch.is_empty() || out.is_empty() {
+        out.push(encode(batch));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_tags_travel_in_several_notifications_that_each_fit() {
+        let tags: Vec<Tag> =
+            (0..20_000).map(Tag::Review).chain((0..500).map(|i| Tag::Offer(format!("o-\"{i}\"")))).collect();
+        let payloads = notes(7, 1, 3, &tags);
+        assert!(payloads.len() > 20, "{} notifications", payloads.len());
+        let mut seen = Vec::new();
+        for payload in &payloads {
+            assert!(payload.len() <= MAX_PAYLOAD, "{} bytes", payload.len());
+            let note: Invalidation = serde_json::from_str(payload).unwrap();
+            assert!(!note.all && note.id == 7);
+            seen.extend(note.tags.iter().filter_map(|t| cascade::decode(t)));
+        }
+        assert_eq!(seen, tags, "every tag once, in order");
+        assert_eq!(notes(7, 1, 3, &[]).len(), 1, "an event without tags still notifies (for acknowledgements)");
     }
 }

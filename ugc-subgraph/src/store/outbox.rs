@@ -14,13 +14,21 @@ pub const WAKE_CHANNEL: &str = "ugc_outbox";
 /// Notified (empty payload) when the data epoch changes.
 pub const EPOCH_CHANNEL: &str = "ugc_epoch";
 
-/// An event as stored, with its id (unique, increasing) and commit time.
+/// An event as stored, with its id (unique, increasing), commit time, and
+/// how far the relay got with it.
 #[derive(Debug, Clone)]
 pub struct OutboxEvent {
     pub id: i64,
     pub event: Event,
     pub created_at: DateTime<Utc>,
+    /// Tags (in [`crate::events::cascade::tags`] order) already applied to L2.
+    pub progress: usize,
+    /// Failed passes so far.
+    pub attempts: i32,
 }
+
+/// Back-off of a failed event: 100 ms doubling per attempt, at most 60 s.
+const BACKOFF_SQL: &str = "now() + make_interval(secs => least(0.1 * power(2, attempts), 60))";
 
 impl Store {
     /// Appends `event` in the caller's transaction; returns its id.
@@ -57,54 +65,107 @@ impl Store {
         let mut tx = self.timed("begin", self.primary.begin()).await?;
         let sql = match only {
             None => {
-                "SELECT id, event, created_at FROM outbox WHERE processed_at IS NULL \
-                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                "SELECT id, event, created_at, progress, attempts FROM outbox \
+                 WHERE processed_at IS NULL AND parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
             }
             Some(_) => {
-                "SELECT id, event, created_at FROM outbox WHERE processed_at IS NULL AND id = $1 \
-                        LIMIT $2 FOR UPDATE"
+                "SELECT id, event, created_at, progress, attempts FROM outbox \
+                 WHERE processed_at IS NULL AND parked_at IS NULL AND id = $1 LIMIT $2 FOR UPDATE"
             }
         };
-        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>)> =
+        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>, i32, i32)> =
             self.timed("claim_outbox", sqlx::query_as(sql).bind(only).bind(limit).fetch_all(&mut *tx)).await?;
         let mut events = Vec::with_capacity(rows.len());
-        for (id, payload, created_at) in rows {
+        for (id, payload, created_at, progress, attempts) in rows {
             match serde_json::from_value(payload) {
-                Ok(event) => events.push(OutboxEvent { id, event, created_at }),
+                Ok(event) => events.push(OutboxEvent {
+                    id,
+                    event,
+                    created_at,
+                    progress: usize::try_from(progress).unwrap_or(0),
+                    attempts,
+                }),
                 Err(e) => {
-                    // An event this version cannot read is a bug; set it
-                    // aside rather than block the outbox behind it.
-                    tracing::error!(id, error = %e, "unreadable outbox event skipped");
-                    self.finish_events(&mut tx, &[id], &[]).await?;
+                    // An event this version cannot read is a bug; parked
+                    // (and counted) rather than blocking the outbox.
+                    tracing::error!(id, error = %e, "unreadable outbox event parked");
+                    self.park_event(&mut tx, id).await?;
+                    self.metrics.outbox_parked.inc();
                 }
             }
         }
         Ok((tx, events))
     }
 
-    /// Marks `done` processed and counts a failed attempt for `retry`.
+    /// Marks `done` processed.
     ///
     /// # Errors
     /// Postgres unavailable or failing.
-    pub async fn finish_events(&self, conn: &mut PgConnection, done: &[i64], retry: &[i64]) -> Result<(), StoreError> {
+    pub async fn finish_events(&self, conn: &mut PgConnection, done: &[i64]) -> Result<(), StoreError> {
         if !done.is_empty() {
             self.timed(
                 "finish_outbox",
-                sqlx::query("UPDATE outbox SET processed_at = clock_timestamp() WHERE id = ANY($1)")
+                sqlx::query("UPDATE outbox SET processed_at = clock_timestamp(), progress = 0 WHERE id = ANY($1)")
                     .bind(done)
                     .execute(&mut *conn),
             )
             .await?;
         }
-        if !retry.is_empty() {
-            self.timed(
+        Ok(())
+    }
+
+    /// Records how far a bounded pass got; the event is claimable again at once.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn continue_event(&self, conn: &mut PgConnection, id: i64, progress: usize) -> Result<(), StoreError> {
+        self.timed(
+            "continue_outbox",
+            sqlx::query("UPDATE outbox SET progress = $2, next_attempt_at = NULL WHERE id = $1")
+                .bind(id)
+                .bind(i32::try_from(progress).unwrap_or(i32::MAX))
+                .execute(&mut *conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed pass: progress kept, retried after a back-off, parked
+    /// once `max_attempts` passes failed. Returns whether it was parked.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn retry_event(
+        &self,
+        conn: &mut PgConnection,
+        id: i64,
+        progress: usize,
+        max_attempts: i32,
+    ) -> Result<bool, StoreError> {
+        let parked: bool = self
+            .timed(
                 "retry_outbox",
-                sqlx::query("UPDATE outbox SET attempts = attempts + 1 WHERE id = ANY($1)")
-                    .bind(retry)
-                    .execute(&mut *conn),
+                sqlx::query_scalar(&format!(
+                    "UPDATE outbox SET progress = $2, attempts = attempts + 1, next_attempt_at = {BACKOFF_SQL}, \
+                         parked_at = CASE WHEN attempts + 1 >= $3 THEN now() END \
+                     WHERE id = $1 RETURNING parked_at IS NOT NULL"
+                ))
+                .bind(id)
+                .bind(i32::try_from(progress).unwrap_or(i32::MAX))
+                .bind(max_attempts)
+                .fetch_one(&mut *conn),
             )
             .await?;
-        }
+        Ok(parked)
+    }
+
+    async fn park_event(&self, conn: &mut PgConnection, id: i64) -> Result<(), StoreError> {
+        self.timed(
+            "park_outbox",
+            sqlx::query("UPDATE outbox SET parked_at = now() WHERE id = $1").bind(id).execute(conn),
+        )
+        .await?;
         Ok(())
     }
 

@@ -106,6 +106,11 @@ pub struct Metrics {
     pub instances_live: Gauge,
     /// Acknowledgement notifications sent by this instance.
     pub visibility_acks_sent: Counter,
+    /// Outbox events parked: failed too often (or unreadable); not retried
+    /// until an operator requeues them.
+    pub outbox_parked: Counter,
+    /// Relay passes that failed to apply an event to L2 (retried with back-off).
+    pub outbox_retries: Counter,
 }
 
 pub const STATEMENT: &str = "statement";
@@ -159,6 +164,8 @@ impl Metrics {
             write_visibility_timeouts: Counter::default(),
             instances_live: Gauge::default(),
             visibility_acks_sent: Counter::default(),
+            outbox_parked: Counter::default(),
+            outbox_retries: Counter::default(),
         };
         let mut registry = Registry::with_prefix("ugc");
         registry.register("sql_statements", "SQL statements executed", m.sql_statements.clone());
@@ -238,6 +245,8 @@ impl Metrics {
         );
         registry.register("instances_live", "Live instances, as last read by a writer", m.instances_live.clone());
         registry.register("visibility_acks_sent", "Acknowledgement notifications sent", m.visibility_acks_sent.clone());
+        registry.register("outbox_parked", "Outbox events parked after too many failures", m.outbox_parked.clone());
+        registry.register("outbox_retries", "Relay passes that failed and will be retried", m.outbox_retries.clone());
         Self { registry, ..m }
     }
 

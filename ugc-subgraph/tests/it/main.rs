@@ -2,6 +2,7 @@
 //! Files are named by the behaviour they check.
 
 mod bad_input;
+mod bounded_events;
 mod cache;
 mod cluster;
 mod coherence;
