@@ -79,6 +79,11 @@ pub trait Source: Send + Sync + 'static {
     /// Loads every key; the result has a value for each (negative values
     /// for ids that match nothing).
     fn load(&self, keys: Vec<CacheKey>) -> BoxFuture<'_, Result<HashMap<CacheKey, CachedValue>, Self::Error>>;
+
+    /// The next loads must see every write up to `watermark` (the WAL
+    /// position recorded in L2 with the tokens they were taken under; see
+    /// `store/replica.rs`). Zero: nothing recorded.
+    fn require(&self, _watermark: u64) {}
 }
 
 /// A test hook run between a load and its fills (to inject a concurrent
@@ -138,6 +143,11 @@ struct Inner<S: Source> {
     epoch: AtomicI64,
     fill_hook: Mutex<Option<FillHook>>,
     metrics: Arc<Metrics>,
+}
+
+/// The L2 key of the write-position watermark.
+fn watermark_key(prefix: &str) -> String {
+    format!("{prefix}:wal")
 }
 
 fn now_ms() -> i64 {
@@ -338,6 +348,14 @@ impl<S: Source> Cache<S> {
         l2.invalidate(&keys, token, self.inner.token_ttl()).await
     }
 
+    /// Records in L2 that loads must see every write up to WAL position
+    /// `lsn` (set before the tokens it covers move). Returns false when Redis
+    /// did not take it.
+    pub async fn advance_watermark(&self, lsn: u64) -> bool {
+        let Some(l2) = &self.inner.l2 else { return true };
+        l2.invalidate(&[watermark_key(&self.inner.l2_prefix())], lsn, self.inner.token_ttl()).await
+    }
+
     /// Refreshes gauges before a scrape.
     pub fn export_gauges(&self) {
         let m = &self.inner.metrics;
@@ -507,13 +525,24 @@ impl<S: Source> Inner<S> {
         // fills the old namespace, which nobody reads any more.
         let prefix = &*self.l2_prefix();
 
+        // The write-position watermark is read with the tokens, in the same
+        // command: a token moved by an event comes with its position.
+        let with_watermark = |keys: &[CacheKey]| -> Vec<String> {
+            keys.iter().map(|k| k.tag().redis_key(prefix)).chain([watermark_key(prefix)]).collect()
+        };
+        let take_watermark = |tokens: Option<Vec<u64>>| {
+            tokens.map(|mut tokens| {
+                self.source.require(tokens.pop().unwrap_or(0));
+                tokens
+            })
+        };
         if let (Some(l2), true) = (&self.l2, force) {
-            let tag_keys: Vec<String> = keys.iter().map(|k| k.tag().redis_key(prefix)).collect();
-            l2_tokens = l2.tokens(&tag_keys).await;
+            l2_tokens = take_watermark(l2.tokens(&with_watermark(keys)).await);
         } else if let Some(l2) = &self.l2 {
             let entry_keys: Vec<String> = keys.iter().map(|k| k.redis_key(prefix)).collect();
-            let tag_keys: Vec<String> = keys.iter().map(|k| k.tag().redis_key(prefix)).collect();
-            if let Some((values, tokens)) = l2.mget(&entry_keys, &tag_keys).await {
+            let fetched = l2.mget(&entry_keys, &with_watermark(keys)).await;
+            if let Some((values, tokens)) = fetched.map(|(values, tokens)| (values, take_watermark(Some(tokens)))) {
+                let tokens = tokens.unwrap_or_default();
                 let now = now_ms();
                 for ((i, key), raw) in keys.iter().enumerate().zip(values) {
                     match self.judge_l2(key, raw, tokens[i], now, true) {

@@ -178,6 +178,10 @@ impl Source for StoreSource {
     fn load(&self, keys: Vec<CacheKey>) -> BoxFuture<'_, Result<HashMap<CacheKey, CachedValue>, LoadError>> {
         Box::pin(self.load_all(keys))
     }
+
+    fn require(&self, watermark: u64) {
+        self.store.require(watermark);
+    }
 }
 
 /// The DataLoader's batch function: cache (L2 + single-flight) → store.

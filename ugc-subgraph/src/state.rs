@@ -106,6 +106,7 @@ impl AppState {
             tokio::spawn(self.events.clone().run_relay(stop.clone())),
             tokio::spawn(fanout::run(self.events.clone(), self.store.listen_pool().clone(), stop.clone())),
             tokio::spawn(Arc::clone(self.events.visibility()).run(stop.clone())),
+            tokio::spawn(self.store.clone().follow_replica(stop.clone())),
         ];
         let (cache, limits, stop) = (self.cache.clone(), Arc::clone(&self.limits), stop.clone());
         tasks.push(tokio::spawn(async move {

@@ -12,6 +12,7 @@ mod instances;
 pub mod outbox;
 mod pages;
 mod reads;
+mod replica;
 pub mod seed;
 mod writes;
 
@@ -75,8 +76,9 @@ pub enum WriteError {
 pub struct Store {
     /// Writes, and reads when no replica is configured.
     primary: PgPool,
-    /// The read path's pool: the replica if configured, else `primary`.
-    replica: PgPool,
+    /// The replica the read path uses while it is caught up (`DATABASE_READ_URL`).
+    replica: Option<PgPool>,
+    fence: Arc<replica::ReplicaFence>,
     metrics: Arc<Metrics>,
 }
 
@@ -99,11 +101,8 @@ impl Store {
                 .connect_lazy_with(options))
         };
         let primary = pool(&config.url)?;
-        let replica = match &config.read_url {
-            Some(url) => pool(url)?,
-            None => primary.clone(),
-        };
-        Ok(Self { primary, replica, metrics })
+        let replica = config.read_url.as_deref().map(pool).transpose()?;
+        Ok(Self { primary, replica, fence: Arc::default(), metrics })
     }
 
     /// Applies pending migrations.

@@ -90,6 +90,8 @@ fn apply(events: &Events, payload: &str) {
         events.cache().invalidate_all_local();
         return;
     };
+    // Before the L1 bump: a load that misses after it reads far enough.
+    events.store().require(note.lsn);
     if note.origin == events.origin() {
         // Our own relay: this instance's L1 was invalidated before the notify.
         events.visibility().applied(note.id);

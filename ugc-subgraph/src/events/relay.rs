@@ -63,6 +63,10 @@ pub struct Invalidation {
     /// The relaying instance, which invalidated its own L1 already.
     #[serde(default)]
     pub origin: u64,
+    /// The primary's WAL position past the event's commit: reads must reach
+    /// it (replica fencing).
+    #[serde(default)]
+    pub lsn: u64,
 }
 
 #[derive(Clone)]
@@ -148,11 +152,15 @@ impl Events {
     /// # Errors
     /// Postgres unavailable or failing.
     pub async fn relay(&self, only: Option<i64>) -> Result<usize, StoreError> {
-        let (mut tx, events) = self.store.claim_events(only, BATCH).await?;
+        let (mut tx, events, position) = self.store.claim_events(only, BATCH).await?;
         if events.is_empty() {
             tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
             return Ok(0);
         }
+        // Before any token moves: a load that sees a moved token also sees
+        // the position its read must reach (replica fencing).
+        self.store.require(position);
+        self.cache.advance_watermark(position).await;
         let mut done = Vec::new();
         let mut retried = 0;
         for OutboxEvent { id, event, created_at, progress, .. } in &events {
@@ -168,7 +176,7 @@ impl Events {
                 applied += chunk.len();
             }
             self.cache.invalidate_local(window);
-            for payload in notes(*id, created_at.timestamp_micros(), self.origin, window) {
+            for payload in notes(*id, created_at.timestamp_micros(), self.origin, position, window) {
                 self.store.notify(&mut tx, INVALIDATE_CHANNEL, &payload).await?;
             }
             self.metrics.events_relayed.inc();
@@ -238,9 +246,9 @@ impl Events {
 
 /// The notifications for `tags` of event `id`: as few as fit under
 /// Postgres's payload limit (tags are at most ~70 bytes, so every one fits).
-fn notes(id: i64, at_us: i64, origin: u64, tags: &[Tag]) -> Vec<String> {
+fn notes(id: i64, at_us: i64, origin: u64, lsn: u64, tags: &[Tag]) -> Vec<String> {
     let encode = |tags: Vec<String>| {
-        serde_json::to_string(&Invalidation { id, at_us, tags, all: false, origin }).unwrap_or_default()
+        serde_json::to_string(&Invalidation { id, at_us, tags, all: false, origin, lsn }).unwrap_or_default()
     };
     let envelope = encode(Vec::new()).len();
     let (mut out, mut batch, mut size) = (Vec::new(), Vec::new(), envelope);
@@ -269,7 +277,7 @@ mod tests {
     fn many_tags_travel_in_several_notifications_that_each_fit() {
         let tags: Vec<Tag> =
             (0..20_000).map(Tag::Review).chain((0..500).map(|i| Tag::Offer(format!("o-\"{i}\"")))).collect();
-        let payloads = notes(7, 1, 3, &tags);
+        let payloads = notes(7, 1, 3, u64::MAX, &tags);
         assert!(payloads.len() > 20, "{} notifications", payloads.len());
         let mut seen = Vec::new();
         for payload in &payloads {
@@ -279,6 +287,6 @@ mod tests {
             seen.extend(note.tags.iter().filter_map(|t| cascade::decode(t)));
         }
         assert_eq!(seen, tags, "every tag once, in order");
-        assert_eq!(notes(7, 1, 3, &[]).len(), 1, "an event without tags still notifies (for acknowledgements)");
+        assert_eq!(notes(7, 1, 3, 0, &[]).len(), 1, "an event without tags still notifies (for acknowledgements)");
     }
 }

@@ -49,7 +49,8 @@ impl Store {
         Ok(id)
     }
 
-    /// Starts a relay transaction and locks up to `limit` unprocessed events;
+    /// Starts a relay transaction and locks up to `limit` unprocessed events
+    /// (with the primary's current WAL position);
     /// rows other relays hold are skipped. With `only` (a writer relaying its
     /// own event), a row another relay holds is waited for instead: when the
     /// call returns, that relay has applied it (the row is then processed and
@@ -61,23 +62,29 @@ impl Store {
         &self,
         only: Option<i64>,
         limit: i64,
-    ) -> Result<(Transaction<'static, Postgres>, Vec<OutboxEvent>), StoreError> {
+    ) -> Result<(Transaction<'static, Postgres>, Vec<OutboxEvent>, u64), StoreError> {
         let mut tx = self.timed("begin", self.primary.begin()).await?;
         let sql = match only {
             None => {
-                "SELECT id, event, created_at, progress, attempts FROM outbox \
+                "SELECT id, event, created_at, progress, attempts, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint \
+                 FROM outbox \
                  WHERE processed_at IS NULL AND parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
             }
             Some(_) => {
-                "SELECT id, event, created_at, progress, attempts FROM outbox \
-                 WHERE processed_at IS NULL AND parked_at IS NULL AND id = $1 LIMIT $2 FOR UPDATE"
+                "SELECT id, event, created_at, progress, attempts, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint \
+                 FROM outbox WHERE processed_at IS NULL AND parked_at IS NULL AND id = $1 LIMIT $2 FOR UPDATE"
             }
         };
-        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>, i32, i32)> =
+        let rows: Vec<(i64, serde_json::Value, DateTime<Utc>, i32, i32, i64)> =
             self.timed("claim_outbox", sqlx::query_as(sql).bind(only).bind(limit).fetch_all(&mut *tx)).await?;
+        // The primary's WAL insert position now: past the commit record of
+        // every claimed event (they are committed rows), so a replica that
+        // replayed it has them (store/replica.rs). Not the write position:
+        // with `synchronous_commit = off` a commit can still be unwritten.
+        let position = rows.first().map_or(0, |r| u64::try_from(r.5).unwrap_or(0));
         let mut events = Vec::with_capacity(rows.len());
-        for (id, payload, created_at, progress, attempts) in rows {
+        for (id, payload, created_at, progress, attempts, _) in rows {
             match serde_json::from_value(payload) {
                 Ok(event) => events.push(OutboxEvent {
                     id,
@@ -95,7 +102,7 @@ impl Store {
                 }
             }
         }
-        Ok((tx, events))
+        Ok((tx, events, position))
     }
 
     /// Marks `done` processed.

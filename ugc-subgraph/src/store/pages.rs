@@ -150,7 +150,7 @@ impl Store {
                     .bind(&times)
                     .bind(&ids)
                     .bind(limit)
-                    .fetch_all(&self.replica),
+                    .fetch_all(self.reader()),
             )
             .await?;
         let mut lists: Vec<Vec<Review>> = vec![Vec::new(); n];

@@ -16,7 +16,7 @@ impl Store {
     /// Postgres unavailable or failing.
     pub async fn reviews_by_ids(&self, ids: &[i64]) -> Result<Vec<Review>, StoreError> {
         let sql = format!("SELECT {REVIEW_COLUMNS} FROM reviews r WHERE r.id = ANY($1) AND r.deleted_at IS NULL");
-        let rows = self.timed("reviews_by_ids", sqlx::query(&sql).bind(ids).fetch_all(&self.replica)).await?;
+        let rows = self.timed("reviews_by_ids", sqlx::query(&sql).bind(ids).fetch_all(self.reader())).await?;
         rows.iter().map(review_from_row).collect()
     }
 
@@ -34,7 +34,7 @@ impl Store {
                      FROM offer_ratings WHERE offer_id = ANY($1)",
                 )
                 .bind(offer_ids)
-                .fetch_all(&self.replica),
+                .fetch_all(self.reader()),
             )
             .await?;
         let mut out: HashMap<String, RatingSummary> =
@@ -64,7 +64,7 @@ impl Store {
                 "author_review_counts",
                 sqlx::query_as("SELECT author_id, review_count FROM author_review_counts WHERE author_id = ANY($1)")
                     .bind(author_ids)
-                    .fetch_all(&self.replica),
+                    .fetch_all(self.reader()),
             )
             .await?;
         let mut out: HashMap<String, i64> = author_ids.iter().map(|id| (id.clone(), 0)).collect();

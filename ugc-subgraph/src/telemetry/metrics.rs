@@ -111,6 +111,9 @@ pub struct Metrics {
     pub outbox_parked: Counter,
     /// Relay passes that failed to apply an event to L2 (retried with back-off).
     pub outbox_retries: Counter,
+    /// Reads with a replica configured, by the pool used (replica, or
+    /// primary while the replica is behind a known write).
+    pub replica_routing: Family<Labels, Counter>,
 }
 
 pub const STATEMENT: &str = "statement";
@@ -166,6 +169,7 @@ impl Metrics {
             visibility_acks_sent: Counter::default(),
             outbox_parked: Counter::default(),
             outbox_retries: Counter::default(),
+            replica_routing: Family::default(),
         };
         let mut registry = Registry::with_prefix("ugc");
         registry.register("sql_statements", "SQL statements executed", m.sql_statements.clone());
@@ -246,6 +250,7 @@ impl Metrics {
         registry.register("instances_live", "Live instances, as last read by a writer", m.instances_live.clone());
         registry.register("visibility_acks_sent", "Acknowledgement notifications sent", m.visibility_acks_sent.clone());
         registry.register("outbox_parked", "Outbox events parked after too many failures", m.outbox_parked.clone());
+        registry.register("replica_routing", "Reads by pool while a replica is configured", m.replica_routing.clone());
         registry.register("outbox_retries", "Relay passes that failed and will be retried", m.outbox_retries.clone());
         Self { registry, ..m }
     }

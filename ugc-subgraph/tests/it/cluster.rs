@@ -77,6 +77,34 @@ impl PgCluster {
         cluster
     }
 
+    /// A streaming replica of `self` (a `pg_basebackup` of it, following it
+    /// from then on).
+    pub fn replica(&self) -> Self {
+        let dir = fresh_dir("replica");
+        let data = dir.join("data");
+        run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                s(&data),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+        );
+        let cluster = Self { dir, port: free_port() };
+        cluster.launch();
+        cluster
+    }
+
     fn launch(&self) {
         let data = self.dir.join("data");
         let options = format!(
@@ -87,6 +115,16 @@ impl PgCluster {
             s(&self.dir)
         );
         run("pg_ctl", &["-D", s(&data), "-o", &options, "-l", s(&self.dir.join("log")), "-w", "-t", "60", "start"]);
+    }
+
+    /// Runs `sql` on database `db` of this cluster, through psql.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-XAtq", &self.url(db), "-c", sql])
+            .output()
+            .unwrap_or_else(|e| panic!("psql: {e}"));
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// The URL of database `db` on this cluster.

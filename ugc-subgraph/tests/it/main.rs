@@ -12,6 +12,7 @@ mod lifecycle;
 mod mutations;
 mod protection;
 mod reads;
+mod replica;
 mod schema;
 mod seed;
 mod sql_bound;
