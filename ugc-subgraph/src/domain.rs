@@ -6,7 +6,9 @@
 //! [`cursor::Cursor::decode`]) before it reaches the store, so the store only
 //! ever sees valid values.
 
+pub mod auth;
 pub mod cursor;
+pub mod event;
 
 use std::sync::Arc;
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use async_graphql::ErrorExtensions;
 use axum::http::StatusCode;
 
+use crate::domain::auth::AuthError;
 use crate::domain::InvalidInput;
-use crate::http::auth::AuthError;
 use crate::store::{StoreError, WriteError};
 
 #[derive(Debug)]

@@ -15,10 +15,10 @@ pub mod types;
 use async_graphql::{EmptySubscription, MergedObject, SDLExportOptions, Schema, SchemaBuilder};
 
 use crate::config::{DomainConfig, GraphqlConfig};
+use crate::domain::auth::AuthError;
 use crate::domain::Viewer;
 use crate::error::ApiError;
 use crate::events::Events;
-use crate::http::auth::AuthError;
 use crate::loaders::Loaders;
 use crate::store::Store;
 

@@ -5,7 +5,7 @@
 //! sender's event key.
 
 use super::{Store, StoreError};
-use crate::events::{Event, RemovalCause};
+use crate::domain::event::{Event, RemovalCause};
 
 /// What became of one external event.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::{Store, StoreError};
-use crate::events::Event;
+use crate::domain::event::Event;
 
 /// Channel a write notifies on commit, to wake the relays.
 pub const WAKE_CHANNEL: &str = "ugc_outbox";

@@ -7,8 +7,8 @@ use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::idempotency::{IdempotencyKey, Outcome};
 use super::{review_from_row, Store, StoreError, WriteError, REVIEW_COLUMNS};
+use crate::domain::event::{Event, ReviewChange};
 use crate::domain::{EntityId, Rating, Review, ReviewStatus, ReviewText, Viewer};
-use crate::events::{Event, ReviewChange};
 
 /// Name of the unique index that allows one live review per (offer, author).
 const ONE_REVIEW_PER_AUTHOR: &str = "reviews_one_live_per_author";
