@@ -21,23 +21,35 @@
 //! * **Redis is optional.** Absent or failing (circuit open), reads go L1 →
 //!   source with no error.
 //! * **Public data only.** Keys name only what every caller may see.
+//!
+//! Where each job lives: this file holds the public API and the read-through
+//! load (`load_through`); [`key`] the keys and tags, `l1`/`l2` the two
+//! stores, `generations` the L1 stripes, `gate` whether L1 may serve at all,
+//! `judge` whether an entry may be served and for how long, `fill` L1 fills
+//! and what goes to L2, `single_flight` and `lease` one load per key on an
+//! instance and across instances, `refresh` background refreshes, `hot` hot
+//! keys.
 
+mod fill;
 mod gate;
 mod generations;
 mod hot;
+mod judge;
 pub mod key;
 mod l1;
 mod l2;
+mod lease;
+mod refresh;
+mod single_flight;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 pub use crate::redis::BreakerState;
@@ -47,10 +59,14 @@ pub use key::{CacheKey, CachedValue, Kind, Tag};
 use crate::config::CacheConfig;
 use crate::redis::RedisClient;
 use crate::telemetry::metrics::Metrics;
+use fill::Deadlines;
 use generations::Generations;
 use hot::HotKeys;
-use l1::{L1Entry, L1};
+use judge::{jitter, Freshness, Judged, L2Entry, Look, Lookup};
+use l1::L1;
 use l2::{Fill, L2};
+use refresh::{refresher, Refresh};
+use single_flight::Claims;
 
 /// XFetch β: > 1 refreshes earlier, < 1 later.
 const XFETCH_BETA: f64 = 1.0;
@@ -90,21 +106,14 @@ pub trait Source: Send + Sync + 'static {
 /// write exactly there).
 pub type FillHook = Arc<dyn Fn(Vec<CacheKey>) -> BoxFuture<'static, ()> + Send + Sync>;
 
-/// How an L2 entry is stored: the value plus what every instance needs to
-/// judge it (token, freshness, how long it took to load).
-#[derive(Serialize, Deserialize)]
-struct L2Entry {
-    token: u64,
-    fresh_until_ms: i64,
-    stale_until_ms: i64,
-    load_us: u32,
-    value: CachedValue,
-}
-
-enum Lookup {
-    Fresh(CachedValue, bool),
-    Stale(CachedValue),
-    Miss,
+/// What a load reads before the source.
+#[derive(Clone, Copy)]
+enum Through {
+    /// L2 values first, then the source for what is still missing.
+    L2,
+    /// The source only (an early refresh: L2 holds the same ageing value),
+    /// still under L2 tokens, which the fills need.
+    SourceOnly,
 }
 
 pub struct Cache<S: Source> {
@@ -133,7 +142,7 @@ struct Inner<S: Source> {
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<()>>>,
     /// Keys queued or being refreshed in the background.
     refreshing: Mutex<HashSet<CacheKey>>,
-    refresh_tx: mpsc::UnboundedSender<(CacheKey, bool)>,
+    refresh_tx: mpsc::UnboundedSender<(CacheKey, Refresh)>,
     /// Identifies this instance's leases.
     owner: String,
     /// `{prefix}:e{data epoch}`: the namespace of every L2 key (entries,
@@ -214,16 +223,16 @@ impl<S: Source> Cache<S> {
         if !inner.config.enabled {
             return None;
         }
-        match inner.lookup_l1(key, true).await {
-            Lookup::Fresh(value, refresh_early) => {
+        match inner.lookup_l1(key, Look::First).await {
+            Lookup::Fresh { value, refresh_early } => {
                 if refresh_early {
-                    inner.schedule_refresh(key, "early");
+                    inner.schedule_refresh(key, Refresh::Early);
                 }
                 Some(value)
             }
             Lookup::Stale(value) => {
                 inner.metrics.stale_served.get_or_create(&[("reason", "revalidate")]).inc();
-                inner.schedule_refresh(key, "stale");
+                inner.schedule_refresh(key, Refresh::Stale);
                 Some(value)
             }
             Lookup::Miss => None,
@@ -245,8 +254,8 @@ impl<S: Source> Cache<S> {
         let mut missing = Vec::new();
         for key in keys {
             // Filled by a concurrent request since `get` missed?
-            match inner.lookup_l1(key, false).await {
-                Lookup::Fresh(v, _) | Lookup::Stale(v) => {
+            match inner.lookup_l1(key, Look::Recheck).await {
+                Lookup::Fresh { value: v, .. } | Lookup::Stale(v) => {
                     out.insert(key.clone(), v);
                 }
                 Lookup::Miss => missing.push(key.clone()),
@@ -257,23 +266,23 @@ impl<S: Source> Cache<S> {
         }
         // Single-flight on this instance: lead the keys nobody is loading,
         // wait for the others.
-        let (lead, waits, guard) = inner.claim(missing);
-        let mut loaded = if lead.is_empty() { HashMap::new() } else { inner.load_through(&lead, false).await? };
+        let Claims { lead, waits, guard } = inner.claim(missing);
+        let mut loaded = if lead.is_empty() { HashMap::new() } else { inner.load_through(&lead, Through::L2).await? };
         drop(guard);
         if !waits.is_empty() {
             inner.metrics.singleflight_waits.inc_by(waits.len() as u64);
             let mut again = Vec::new();
             for (key, mut rx) in waits {
                 let _ = tokio::time::timeout(SINGLE_FLIGHT_WAIT, rx.changed()).await;
-                match inner.lookup_l1(&key, false).await {
-                    Lookup::Fresh(v, _) | Lookup::Stale(v) => {
+                match inner.lookup_l1(&key, Look::Recheck).await {
+                    Lookup::Fresh { value: v, .. } | Lookup::Stale(v) => {
                         loaded.insert(key, v);
                     }
                     Lookup::Miss => again.push(key),
                 }
             }
             if !again.is_empty() {
-                loaded.extend(inner.load_through(&again, false).await?);
+                loaded.extend(inner.load_through(&again, Through::L2).await?);
             }
         }
         out.extend(loaded);
@@ -391,7 +400,7 @@ impl<S: Source> Cache<S> {
             .collect();
         let mut warmed = 0;
         for chunk in keys.chunks(200) {
-            if let Ok(values) = self.inner.load_through(chunk, false).await {
+            if let Ok(values) = self.inner.load_through(chunk, Through::L2).await {
                 warmed += values.len();
             }
         }
@@ -406,25 +415,6 @@ impl<S: Source> Cache<S> {
         }
     }
 }
-
-/// Releases single-flight claims when the leader is done (or fails).
-struct ClaimGuard<'a, S: Source> {
-    inner: &'a Inner<S>,
-    keys: Vec<CacheKey>,
-    _senders: Vec<watch::Sender<()>>,
-}
-
-impl<S: Source> Drop for ClaimGuard<'_, S> {
-    fn drop(&mut self) {
-        let mut inflight = self.inner.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        for key in &self.keys {
-            inflight.remove(key);
-        }
-        // Dropping the senders (after this) wakes every waiter.
-    }
-}
-
-type Claims<'a, S> = (Vec<CacheKey>, Vec<(CacheKey, watch::Receiver<()>)>, ClaimGuard<'a, S>);
 
 impl<S: Source> Inner<S> {
     fn l2_prefix(&self) -> Arc<str> {
@@ -451,71 +441,12 @@ impl<S: Source> Inner<S> {
         format!("{}:v{}:hot", self.l2_prefix(), key::SCHEMA_VERSION)
     }
 
-    /// `count`: this is the request's first look (count it and the key's
-    /// rate); a re-check after a miss counts nothing.
-    async fn lookup_l1(&self, key: &CacheKey, count: bool) -> Lookup {
-        let kind = key.kind().label();
-        let record = |result| {
-            if count {
-                self.metrics.cache("l1", kind, result);
-            }
-        };
-        if count && self.hot.touch(key).1 {
-            self.metrics.hot_keys.inc();
-            tracing::info!(kind, "hot key detected; kept longer in L1");
-        }
-        let now = Instant::now();
-        if !self.gate.is_open(now) {
-            // Possibly behind the invalidation stream: L2 and the source
-            // are what a writer made current before answering.
-            record("fenced");
-            return Lookup::Miss;
-        }
-        let entry = match self.l1.get(key).await {
-            Some(entry) => Some(entry),
-            None => self.l1_negative.get(key).await,
-        };
-        let Some(entry) = entry else {
-            record("miss");
-            return Lookup::Miss;
-        };
-        if entry.token != self.gens.current(&key.tag()) {
-            // Invalidated since it was loaded.
-            record("miss");
-            return Lookup::Miss;
-        }
-        if now < entry.fresh_until {
-            record("hit");
-            let draw: f64 = rand::rng().random_range(f64::MIN_POSITIVE..1.0);
-            let early = xfetch_early(entry.load_time, entry.fresh_until - now, draw);
-            return Lookup::Fresh(entry.value.clone(), early);
-        }
-        record("stale");
-        Lookup::Stale(entry.value.clone())
-    }
-
-    fn claim(&self, keys: Vec<CacheKey>) -> Claims<'_, S> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut lead, mut waits, mut senders) = (Vec::new(), Vec::new(), Vec::new());
-        for key in keys {
-            match inflight.get(&key) {
-                Some(rx) => waits.push((key, rx.clone())),
-                None => {
-                    let (tx, rx) = watch::channel(());
-                    inflight.insert(key.clone(), rx);
-                    senders.push(tx);
-                    lead.push(key);
-                }
-            }
-        }
-        let guard = ClaimGuard { inner: self, keys: lead.clone(), _senders: senders };
-        (lead, waits, guard)
-    }
-
     /// L2, then the source for what is still missing; fills both caches.
-    /// `force` skips reading L2 values (an early refresh wants the source,
-    /// not the entry it is refreshing), but still takes L2 tokens.
-    async fn load_through(&self, keys: &[CacheKey], force: bool) -> Result<HashMap<CacheKey, CachedValue>, S::Error> {
+    async fn load_through(
+        &self,
+        keys: &[CacheKey],
+        through: Through,
+    ) -> Result<HashMap<CacheKey, CachedValue>, S::Error> {
         // Fence tokens first: taken before anything is read.
         let l1_tokens: Vec<u64> = keys.iter().map(|k| self.gens.current(&k.tag())).collect();
         let mut found: HashMap<CacheKey, CachedValue> = HashMap::with_capacity(keys.len());
@@ -536,7 +467,7 @@ impl<S: Source> Inner<S> {
                 tokens
             })
         };
-        if let (Some(l2), true) = (&self.l2, force) {
+        if let (Some(l2), Through::SourceOnly) = (&self.l2, through) {
             l2_tokens = take_watermark(l2.tokens(&with_watermark(keys)).await);
         } else if let Some(l2) = &self.l2 {
             let entry_keys: Vec<String> = keys.iter().map(|k| k.redis_key(prefix)).collect();
@@ -545,12 +476,12 @@ impl<S: Source> Inner<S> {
                 let tokens = tokens.unwrap_or_default();
                 let now = now_ms();
                 for ((i, key), raw) in keys.iter().enumerate().zip(values) {
-                    match self.judge_l2(key, raw, tokens[i], now, true) {
-                        Some((value, true, left)) => {
-                            self.fill_l1(key, value.clone(), l1_tokens[i], None, Some(left)).await;
+                    match self.judge_l2(key, raw, tokens[i], now, Look::First) {
+                        Some(Judged { value, freshness: Freshness::Fresh, left }) => {
+                            self.fill_l1(key, value.clone(), l1_tokens[i], Deadlines::FromL2(left)).await;
                             found.insert(key.clone(), value);
                         }
-                        Some((value, false, _)) => {
+                        Some(Judged { value, freshness: Freshness::Stale, .. }) => {
                             stale.insert(key.clone(), value);
                         }
                         None => {}
@@ -574,10 +505,10 @@ impl<S: Source> Inner<S> {
                 let mut contended = Vec::new();
                 let mut filled_meanwhile = Vec::new();
                 for ((&i, lease_key), (taken, raw)) in remaining.iter().zip(lease_keys).zip(replies) {
-                    match self.judge_l2(&keys[i], raw, tokens[i], now, false) {
+                    match self.judge_l2(&keys[i], raw, tokens[i], now, Look::Recheck) {
                         // Filled by another instance since our MGET.
-                        Some((value, true, left)) => {
-                            self.fill_l1(&keys[i], value.clone(), l1_tokens[i], None, Some(left)).await;
+                        Some(Judged { value, freshness: Freshness::Fresh, left }) => {
+                            self.fill_l1(&keys[i], value.clone(), l1_tokens[i], Deadlines::FromL2(left)).await;
                             found.insert(keys[i].clone(), value);
                             if taken {
                                 filled_meanwhile.push(lease_key);
@@ -638,7 +569,7 @@ impl<S: Source> Inner<S> {
                 continue;
             };
             let ttl = jitter(self.kind_ttl(key, value));
-            self.fill_l1(key, value.clone(), l1_tokens[i], Some((ttl, load_time)), None).await;
+            self.fill_l1(key, value.clone(), l1_tokens[i], Deadlines::Loaded { ttl, load_time }).await;
             if let (Some(tokens), true) = (&l2_tokens, self.worth_sharing(key, value)) {
                 let entry = L2Entry {
                     token: tokens[i],
@@ -669,213 +600,5 @@ impl<S: Source> Inner<S> {
             l2.release(&leased).await;
         }
         Ok(found)
-    }
-
-    /// Decodes an L2 value and judges it: `Some((value, fresh))` when its
-    /// token is current and it is still servable.
-    /// `count`: the first look of this load (re-checks count nothing).
-    fn judge_l2(
-        &self,
-        key: &CacheKey,
-        raw: Option<Vec<u8>>,
-        token: u64,
-        now: i64,
-        count: bool,
-    ) -> Option<(CachedValue, bool, (Duration, Duration))> {
-        let kind = key.kind().label();
-        let record = |result| {
-            if count {
-                self.metrics.cache("l2", kind, result);
-            }
-        };
-        let Some(raw) = raw else {
-            record("miss");
-            return None;
-        };
-        let Ok(entry) = postcard::from_bytes::<L2Entry>(&raw) else {
-            self.metrics.decode_errors.inc();
-            record("miss");
-            return None;
-        };
-        if entry.token != token || now >= entry.stale_until_ms {
-            record("miss");
-            return None;
-        }
-        let fresh = now < entry.fresh_until_ms;
-        record(if fresh { "hit" } else { "stale" });
-        let left = |until: i64| Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
-        Some((entry.value, fresh, (left(entry.fresh_until_ms), left(entry.stale_until_ms))))
-    }
-
-    /// Another instance holds the lease of these keys: poll L2 for its fill
-    /// for up to `lease_wait`.
-    async fn await_other_instance(
-        &self,
-        l2: &L2,
-        keys: &[CacheKey],
-        contended: &[usize],
-        l1_tokens: &[u64],
-        tokens: &[u64],
-    ) -> Vec<(usize, CachedValue)> {
-        let deadline = Instant::now() + self.config.lease_wait;
-        let mut waiting: Vec<usize> = contended.to_vec();
-        let mut served = Vec::new();
-        while !waiting.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(LEASE_POLL).await;
-            let prefix = self.l2_prefix();
-            let entry_keys: Vec<String> = waiting.iter().map(|&i| keys[i].redis_key(&prefix)).collect();
-            let tag_keys: Vec<String> = waiting.iter().map(|&i| keys[i].tag().redis_key(&prefix)).collect();
-            let Some((values, current)) = l2.mget(&entry_keys, &tag_keys).await else {
-                break;
-            };
-            let now = now_ms();
-            let mut still = Vec::new();
-            for ((j, &i), raw) in waiting.iter().enumerate().zip(values) {
-                // The fill must be under the token we saw before waiting,
-                // else an invalidation happened meanwhile: load ourselves.
-                if current[j] != tokens[i] {
-                    continue;
-                }
-                match self.judge_l2(&keys[i], raw, current[j], now, false) {
-                    Some((value, true, left)) => {
-                        self.fill_l1(&keys[i], value.clone(), l1_tokens[i], None, Some(left)).await;
-                        served.push((i, value));
-                    }
-                    _ => still.push(i),
-                }
-            }
-            waiting = still;
-        }
-        served
-    }
-
-    /// Inserts into L1 unless the tag's stripe moved since `token` was taken.
-    /// `fresh` is (ttl, load time) for a value just loaded from the source;
-    /// `None` for a value promoted from L2, which keeps the L2 entry's own
-    /// deadlines (`l2_left`: time left fresh, time left servable): an entry
-    /// never outlives, in any layer, the bound counted from its source read.
-    async fn fill_l1(
-        &self,
-        key: &CacheKey,
-        value: CachedValue,
-        token: u64,
-        fresh: Option<(Duration, Duration)>,
-        l2_left: Option<(Duration, Duration)>,
-    ) {
-        if self.gens.current(&key.tag()) != token {
-            self.metrics.fills_refused.get_or_create(&[("layer", "l1")]).inc();
-            return;
-        }
-        let now = Instant::now();
-        let (fresh_for, stale_for, load_time) = match (fresh, l2_left) {
-            (Some((ttl, load_time)), _) => {
-                let ttl = if self.hot.is_hot(key) { ttl * HOT_TTL_FACTOR } else { ttl };
-                (ttl, ttl + self.config.max_stale, load_time)
-            }
-            (None, Some((fresh_left, stale_left))) => (fresh_left, stale_left, Duration::ZERO),
-            (None, None) => return,
-        };
-        // Each key lives in one of the two caches: the one its value belongs
-        // to (a stale entry in the other would shadow it).
-        let (home, other) =
-            if value.is_negative() { (&self.l1_negative, &self.l1) } else { (&self.l1, &self.l1_negative) };
-        let entry = L1Entry { value, token, fresh_until: now + fresh_for, stale_until: now + stale_for, load_time };
-        other.invalidate(key).await;
-        home.insert(key.clone(), Arc::new(entry)).await;
-    }
-
-    /// Positive values always go to L2; a negative one only when the key was
-    /// loaded as negative before, recently: an id read once (a random-id
-    /// scan) never reaches Redis.
-    fn worth_sharing(&self, key: &CacheKey, value: &CachedValue) -> bool {
-        if !value.is_negative() {
-            return true;
-        }
-        let mut h = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(key, &mut h);
-        let seen = std::hash::Hasher::finish(&h);
-        if self.negative_seen.contains_key(&seen) {
-            self.metrics.negative_promotions.inc();
-            return true;
-        }
-        self.negative_seen.insert(seen, ());
-        false
-    }
-
-    fn schedule_refresh(&self, key: &CacheKey, reason: &'static str) {
-        let fresh = self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
-        if fresh {
-            self.metrics.refreshes.get_or_create(&[("trigger", reason)]).inc();
-            // An early refresh goes to the source: L2 holds the same ageing value.
-            let _ = self.refresh_tx.send((key.clone(), reason == "early"));
-        }
-    }
-}
-
-/// XFetch (Vattani et al.): refresh before expiry with a probability that
-/// grows as expiry nears and with how long a load takes, so that exactly one
-/// of many readers of a hot key refreshes it, early, instead of all of them
-/// missing at once. `draw` is uniform in (0, 1).
-fn xfetch_early(load_time: Duration, left: Duration, draw: f64) -> bool {
-    load_time.as_secs_f64() * XFETCH_BETA * -draw.ln() >= left.as_secs_f64()
-}
-
-/// ±10 % so that entries filled together do not expire together.
-fn jitter(ttl: Duration) -> Duration {
-    ttl.mul_f64(rand::rng().random_range(0.9..1.1))
-}
-
-/// Background refresher: batches queued keys and reloads them through L2
-/// and the source (skipping L1, which holds the old value).
-async fn refresher<S: Source>(inner: Weak<Inner<S>>, mut rx: mpsc::UnboundedReceiver<(CacheKey, bool)>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 200 {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let Some(inner) = inner.upgrade() else { return };
-        for force in [false, true] {
-            let keys: Vec<CacheKey> = batch.iter().filter(|(_, f)| *f == force).map(|(k, _)| k.clone()).collect();
-            if !keys.is_empty() && inner.load_through(&keys, force).await.is_err() {
-                tracing::debug!(keys = keys.len(), "background refresh failed; stale values stay until max_stale");
-            }
-        }
-        let mut refreshing = inner.refreshing.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, _) in &batch {
-            refreshing.remove(key);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn xfetch_refreshes_more_often_as_expiry_nears() {
-        let load = Duration::from_millis(50);
-        let rate = |left_ms: u64| {
-            (1..1000).filter(|i| xfetch_early(load, Duration::from_millis(left_ms), f64::from(*i) / 1000.0)).count()
-        };
-        assert_eq!(rate(0), 999, "at expiry every reader refreshes");
-        assert_eq!(rate(10_000), 0, "far from expiry nobody does");
-        assert!(rate(20) > rate(100) && rate(100) > rate(300), "{} {} {}", rate(20), rate(100), rate(300));
-        assert!(!xfetch_early(Duration::ZERO, Duration::from_millis(1), 0.5), "instant loads never refresh early");
-    }
-
-    #[test]
-    fn jitter_stays_within_ten_percent_and_varies() {
-        let base = Duration::from_secs(100);
-        let samples: HashSet<u128> = (0..200)
-            .map(|_| {
-                let j = jitter(base);
-                assert!(j >= Duration::from_secs(90) && j <= Duration::from_secs(110));
-                j.as_millis()
-            })
-            .collect();
-        assert!(samples.len() > 50, "not synchronised");
     }
 }

@@ -205,6 +205,9 @@ pub struct CoherenceConfig {
     /// until it has caught up. Zero: no waiting (other instances' L1s catch
     /// up within the fan-out lag).
     pub write_visibility_timeout: Duration,
+    /// How long writers keep waiting for a silent instance; it heartbeats
+    /// every third of it and serves no L1 once two thirds passed without one.
+    pub instance_lease: Duration,
 }
 
 #[derive(Clone)]
@@ -377,6 +380,7 @@ impl Config {
                 DEFAULT_WRITE_VISIBILITY_TIMEOUT_MS,
                 0..=10_000,
             )?),
+            instance_lease: Duration::from_millis(env.parse_in("UGC_INSTANCE_LEASE_MS", 3_000, 1_500..=60_000)?),
         };
         Ok(Self {
             cache,

@@ -84,13 +84,8 @@ impl Events {
     pub fn new(store: Store, cache: ReadCache, metrics: Arc<Metrics>, coherence: &CoherenceConfig) -> Self {
         // Positive as an i64 too (the registry stores it as `bigint`).
         let origin = (rand::random::<u64>() >> 1) | 1;
-        let visibility = Arc::new(Visibility::new(
-            origin,
-            coherence.write_visibility_timeout,
-            store.clone(),
-            cache.clone(),
-            Arc::clone(&metrics),
-        ));
+        let visibility =
+            Arc::new(Visibility::new(origin, coherence, store.clone(), cache.clone(), Arc::clone(&metrics)));
         Self { origin, visibility, store, cache, metrics, wake: Arc::new(Notify::new()) }
     }
 

@@ -4,7 +4,7 @@
 //! The protocol, on Postgres alone (the service runs without Redis):
 //! * **Registry.** Every instance upserts a heartbeat row each second
 //!   (`store/instances.rs`) once its invalidation listener is up. The live
-//!   set is the rows younger than [`LEASE`].
+//!   set is the rows younger than the lease (`UGC_INSTANCE_LEASE_MS`, 3 s).
 //! * **Acknowledgements.** Having applied an invalidation (or received its
 //!   own), an instance sends `NOTIFY ugc_ack '<origin> <event ids>'`. A
 //!   writer registers for its event's acknowledgements *before* relaying it,
@@ -23,7 +23,7 @@
 //!   that timed out answered at least W after its commit, so any read that
 //!   follows its answer finds the lagging instance either caught up or not
 //!   serving L1. The gate also closes when the instance's own heartbeat is
-//!   older than [`REGISTERED_MARGIN`] (< [`LEASE`]): an instance writers no
+//!   older than two thirds of the lease: an instance writers no
 //!   longer wait for never serves L1.
 //!
 //! It must never let a writer answer early on an incomplete live set: a
@@ -37,19 +37,25 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::CoherenceConfig;
 use crate::loaders::ReadCache;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
 /// Channel carrying acknowledgements to every instance.
 pub const ACK_CHANNEL: &str = "ugc_ack";
-/// Heartbeat period.
-const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Writers wait for instances whose heartbeat is younger than this.
-pub const LEASE: Duration = Duration::from_secs(3);
-/// An instance serves L1 for this long after a heartbeat *began*: shorter
-/// than [`LEASE`] by a second, the margin for clocks and delivery.
-const REGISTERED_MARGIN: Duration = Duration::from_secs(2);
+/// The instance lease (`UGC_INSTANCE_LEASE_MS`, default 3 s) is split in
+/// three: a heartbeat every third; an instance serves L1 for two thirds
+/// after a heartbeat *began* (the last third is the margin for clocks and
+/// delivery); writers wait for instances whose heartbeat is younger than
+/// the whole lease.
+fn heartbeat_period(lease: Duration) -> Duration {
+    lease / 3
+}
+
+fn registered_margin(lease: Duration) -> Duration {
+    lease * 2 / 3
+}
 /// Rows of instances silent this long are deleted.
 const FORGET: Duration = Duration::from_secs(3600);
 /// Acknowledgement payloads stay under Postgres's 8000-byte limit.
@@ -63,6 +69,7 @@ struct Waiter {
 pub struct Visibility {
     origin: i64,
     timeout: Duration,
+    lease: Duration,
     tick_channel: String,
     store: Store,
     cache: ReadCache,
@@ -90,7 +97,14 @@ impl Drop for Pending<'_> {
 
 impl Visibility {
     /// `timeout` zero: the protocol is off (no waits, no ticks, L1 always served).
-    pub fn new(origin: u64, timeout: Duration, store: Store, cache: ReadCache, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        origin: u64,
+        coherence: &CoherenceConfig,
+        store: Store,
+        cache: ReadCache,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (timeout, lease) = (coherence.write_visibility_timeout, coherence.instance_lease);
         if !timeout.is_zero() {
             cache.gate().require_sync();
         }
@@ -99,6 +113,7 @@ impl Visibility {
         Self {
             origin,
             timeout,
+            lease,
             tick_channel: format!("ugc_tick_{:x}", origin as u64),
             store,
             cache,
@@ -138,7 +153,7 @@ impl Visibility {
     pub async fn wait(&self, pending: Pending<'_>) {
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let live = match self.store.live_instances(self.origin, LEASE).await {
+        let live = match self.store.live_instances(self.origin, self.lease).await {
             Ok(live) => {
                 self.metrics.instances_live.set(live.len() as i64 + 1);
                 Some(live)
@@ -233,7 +248,7 @@ impl Visibility {
     }
 
     async fn heartbeats(&self, stop: &CancellationToken) {
-        let mut every = tokio::time::interval(HEARTBEAT);
+        let mut every = tokio::time::interval(heartbeat_period(self.lease));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beats = 0u64;
         loop {
@@ -243,7 +258,7 @@ impl Visibility {
             }
             let started = std::time::Instant::now();
             match self.store.heartbeat(self.origin).await {
-                Ok(()) => self.cache.gate().registered(started, REGISTERED_MARGIN),
+                Ok(()) => self.cache.gate().registered(started, registered_margin(self.lease)),
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; L1 closes if it keeps failing"),
             }
             beats += 1;

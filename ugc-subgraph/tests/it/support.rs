@@ -108,6 +108,9 @@ impl TestApp {
         // instance without a listener cannot take part: off.
         let visibility = if background { "2000" } else { "0" };
         env.push(("UGC_WRITE_VISIBILITY_TIMEOUT_MS".into(), visibility.into()));
+        // Heartbeats every 3 s, L1 kept for 6 s after one: a heartbeat
+        // delayed by a loaded shared Postgres must not close L1 mid-test.
+        env.push(("UGC_INSTANCE_LEASE_MS".into(), "9000".into()));
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(env).expect("valid test configuration");
         let state = AppState::build(config).unwrap();
