@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::state::AppState;
+use crate::http::state::AppState;
 use crate::store::seed::SeedPlan;
 use crate::{graphql, server, shutdown, telemetry};
 

@@ -21,6 +21,7 @@ mod graphiql;
 mod graphql;
 mod health;
 pub mod layers;
+pub mod state;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 /// The service's router; `main` and the tests serve exactly this.
 pub fn build_router(state: AppState) -> Router {

@@ -9,10 +9,10 @@
 //!
 //! - [`cli`]: the `ugc-subgraph` binary's subcommands (serve, migrate, seed, print-schema).
 //! - [`config`]: every setting, from the environment, validated at start-up.
-//! - [`state`]: [`state::AppState`], built once and shared by all requests.
 //! - [`server`], [`shutdown`]: the connection loop (connection cap, header-read timeout); SIGTERM
 //!   drains in-flight requests.
-//! - [`http`]: routes and the protection stack's tower layers ([`http::layers`]: client address,
+//! - [`http`]: [`http::state::AppState`] (everything the service runs on, built once and shared by all
+//!   requests), routes and the protection stack's tower layers ([`http::layers`]: client address,
 //!   rate limits, load shedding); bearer-token auth ([`http::auth`]); trusted proxies ([`http::client`]).
 //! - [`ratelimit`]: the quotas, per instance (governor) and shared by all instances (GCRA in Redis,
 //!   spent locally in chunks).
@@ -48,6 +48,5 @@ pub mod ratelimit;
 pub mod redis;
 pub mod server;
 pub mod shutdown;
-pub mod state;
 pub mod store;
 pub mod telemetry;

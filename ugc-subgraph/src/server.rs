@@ -25,7 +25,7 @@ use tower::ServiceExt;
 
 use crate::config::HttpConfig;
 use crate::http::build_router;
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 /// After a failed `accept` (e.g. out of file descriptors), wait this long.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);

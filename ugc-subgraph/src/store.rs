@@ -27,8 +27,8 @@ use crate::config::DatabaseConfig;
 use crate::domain::{InvalidInput, Review, ReviewStatus};
 use crate::telemetry::metrics::Metrics;
 
+pub use crate::domain::cursor::PageKey;
 pub use external::ExternalOutcome;
-pub use pages::PageKey;
 pub use reads::RowVersion;
 pub use writes::{Committed, NewReview, ReviewPatch};
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::cursor::PageKey;
 use crate::domain::cursor::{ListScope, Position};
 use crate::domain::{Page, RatingSummary, Review, ReviewOrder};
-use crate::store::PageKey;
 
 /// Bump when the encoding of any cached value changes: a deploy then never
 /// decodes entries written by the previous version (keys differ).

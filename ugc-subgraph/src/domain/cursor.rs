@@ -11,7 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use super::{InvalidInput, Review, ReviewOrder};
+use super::{InvalidInput, PageSize, Review, ReviewOrder};
 
 const VERSION: &str = "c1";
 
@@ -107,6 +107,17 @@ impl Cursor {
         };
         Some(Self { scope, order, position: Position { rating, created_at_micros, id } })
     }
+}
+
+/// One page of one list: what the loaders, the cache keys and the store
+/// all name (here, so that none of them imports another for it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PageKey {
+    pub scope: ListScope,
+    pub order: ReviewOrder,
+    pub size: PageSize,
+    /// Start strictly after this position; `None` for the first page.
+    pub after: Option<Position>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::events::external::{ApplyError, Batch};
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 /// Largest body: 100 events of the longest keys and ids fit in a quarter of this.
 pub const MAX_EVENTS_BODY_BYTES: usize = 64 * 1024;

@@ -24,7 +24,7 @@ use super::client::ClientAddr;
 use super::layers::{error_body, too_many_requests};
 use crate::graphql::cost::{self, Admitted, CostError, Verdict};
 use crate::graphql::{IdempotencyHeader, RequestAuth};
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 const JSON: &str = "application/json";
 /// Only a safety net for mutations (see `execute`): far above what their

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 pub async fn live() -> Json<Value> {
     Json(json!({ "status": "alive" }))

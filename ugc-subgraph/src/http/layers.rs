@@ -34,8 +34,8 @@ use tower_governor::{GovernorError, GovernorLayer};
 
 use super::client::{ClientAddr, ClientResolver};
 use crate::config::Quota;
+use crate::http::state::AppState;
 use crate::ratelimit::{fingerprint, Limit, RateLimits, Refusal};
-use crate::state::AppState;
 use crate::telemetry::metrics::Metrics;
 
 /// How often the per-instance limiters drop the state of idle clients.

@@ -15,18 +15,8 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{review_from_row, Store, StoreError, REVIEW_COLUMNS};
-use crate::domain::cursor::{ListScope, Position};
+use crate::domain::cursor::{ListScope, PageKey, Position};
 use crate::domain::{Page, PageSize, Review, ReviewOrder};
-
-/// One page of one list: the DataLoader key of the page loaders.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct PageKey {
-    pub scope: ListScope,
-    pub order: ReviewOrder,
-    pub size: PageSize,
-    /// Start strictly after this position; `None` for the first page.
-    pub after: Option<Position>,
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum ListKind {

@@ -72,7 +72,7 @@ async fn readiness_fails_while_postgres_is_unreachable() {
         ("UGC_DB_ACQUIRE_TIMEOUT_MS".to_string(), "300".to_string()),
     ])
     .unwrap();
-    let state = ugc_subgraph::state::AppState::build(config).unwrap();
+    let state = ugc_subgraph::http::state::AppState::build(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(ugc_subgraph::server::serve(listener, state, std::future::pending()));

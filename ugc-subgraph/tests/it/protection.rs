@@ -270,7 +270,14 @@ async fn query_bombs_are_refused_before_execution_without_delaying_others() {
     let slowest = reader.await.unwrap();
     println!("slowest concurrent cached read during the bombs: {:.1} ms", slowest * 1000.0);
     assert!(slowest < 1.0, "a cached read waited {slowest:.3} s behind the bombs");
-    assert_eq!(app.read_statements().await, sql_before, "a bomb reached SQL");
+    let fenced = app.metric("ugc_cache_requests_total", &["result=\"fenced\""]).await;
+    let l1_miss = app.metric("ugc_cache_requests_total", &["layer=\"l1\"", "result=\"miss\""]).await;
+    let refresh = app.metric("ugc_cache_refreshes_total", &[]).await;
+    assert_eq!(
+        app.read_statements().await,
+        sql_before,
+        "a bomb reached SQL (fenced {fenced}, l1 misses {l1_miss}, refreshes {refresh})"
+    );
     assert_eq!(app.metric("ugc_cache_requests_total", &["kind=\"review\""]).await, cache_before);
     assert!(app.metric("ugc_cost_rejections_total", &["limit=\"fields\""]).await >= 6.0);
     // A fine query of the same shapes still runs.

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use ugc_subgraph::config::Config;
+use ugc_subgraph::http::state::AppState;
 use ugc_subgraph::server;
-use ugc_subgraph::state::AppState;
 use ugc_subgraph::store::seed::SeedPlan;
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
@@ -141,6 +141,10 @@ impl TestApp {
 
     pub async fn seed(&self, offers: u32, users: u32, reviews: u64) {
         self.state.store.seed(SeedPlan { offers, users, reviews, seed: 7 }).await.unwrap();
+        // The new data epoch reaches this instance through its listener,
+        // some time later, and drops its L1 then: a test that read in
+        // between would see its warm entries vanish. Move now.
+        ugc_subgraph::events::fanout::sync_epoch(&self.state.events).await;
     }
 
     /// POSTs a GraphQL request; returns the JSON body (any status).
