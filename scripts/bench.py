@@ -38,6 +38,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "ugc-subgraph")
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 DB_URL = f"{PG}/ugc_bench"
+# Optional: another build of the service (e.g. the last release) measured in
+# the same run, on its own database with the same seeded data.
+BASELINE_BIN = os.environ.get("BENCH_BASELINE_BIN")
+BASELINE_DB_URL = f"{PG}/ugc_bench_baseline"
 REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 SECRET = "bench-secret-0123456789abcdef"
 DURATION = int(os.environ.get("BENCH_SECONDS", "20"))
@@ -81,13 +85,13 @@ UNLIMITED = {f"UGC_RATE_LIMIT_{q}_{p}": "10000000" for q in ("READ", "WRITE", "U
 
 
 class Instance:
-    def __init__(self, port, prefix, **env):
+    def __init__(self, port, prefix, binary=None, db_url=None, **env):
         self.port = port
-        full = dict(os.environ, DATABASE_URL=DB_URL, REDIS_URL=REDIS, UGC_LISTEN=f"127.0.0.1:{port}",
+        full = dict(os.environ, DATABASE_URL=db_url or DB_URL, REDIS_URL=REDIS, UGC_LISTEN=f"127.0.0.1:{port}",
                     UGC_JWT_SECRET=SECRET, UGC_CACHE_PREFIX=prefix, RUST_LOG="warn", UGC_STALE_CHECK_RATE="0",
                     **UNLIMITED)
         full.update(env)
-        self.proc = subprocess.Popen([BIN, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([binary or BIN, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(200):
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1).status == 200:
@@ -138,8 +142,10 @@ PROTECTION = {
 }
 
 
-def throughput(mode, port, prefix, protection="on"):
-    inst = Instance(port, prefix, UGC_CACHE=mode, **PROTECTION[protection])
+def throughput(mode, port, prefix, protection="on", baseline=False):
+    """`baseline`: the binary of BENCH_BASELINE_BIN on its own copy of the data."""
+    where = {"binary": BASELINE_BIN, "db_url": BASELINE_DB_URL} if baseline else {}
+    inst = Instance(port, prefix, UGC_CACHE=mode, **where, **PROTECTION[protection])
     try:
         wrk(port, 5)  # warm-up: JIT of the pools, caches filled (cache on)
         before = scrape(port)
@@ -355,6 +361,31 @@ def overload(port=4131, cache="on"):
     return phases
 
 
+def prepare(binary, db):
+    if psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'", db="postgres") != "1":
+        psql(f"CREATE DATABASE {db}", db="postgres")
+    url = f"{PG}/{db}"
+    sh(binary, "migrate", env=dict(os.environ, DATABASE_URL=url))
+    if psql("SELECT count(*) FROM reviews", db=db) != str(REVIEWS):
+        print(sh(binary, "seed", "--offers", str(OFFERS), "--users", str(USERS), "--reviews", str(REVIEWS), "--seed", "42",
+                 env=dict(os.environ, DATABASE_URL=url, RUST_LOG="error")).strip())
+
+
+def baseline_vs_current(run, pairs=2):
+    """Cache on, protection on: the baseline build and this one, alternating."""
+    prepare(BASELINE_BIN, "ugc_bench_baseline")
+    runs = {"baseline": [], "current": []}
+    for n in range(pairs):
+        runs["baseline"].append(throughput("on", 4141, f"bench-base-{run}-{n}", baseline=True))
+        runs["current"].append(throughput("on", 4142, f"bench-cur-{run}-{n}"))
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    b, c = mean(runs["baseline"], "rps"), mean(runs["current"], "rps")
+    print(f"\nBaseline ({BASELINE_BIN}) vs this build, cache on, protection on, {pairs} alternating pairs of "
+          f"{DURATION} s: {b:,.0f} vs {c:,.0f} req/s ({c / b:.1%}); p99 {mean(runs['baseline'], 'p99_ms'):.2f} vs "
+          f"{mean(runs['current'], 'p99_ms'):.2f} ms; runs baseline {[round(r['rps']) for r in runs['baseline']]}, "
+          f"current {[round(r['rps']) for r in runs['current']]}")
+
+
 def main():
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
@@ -365,6 +396,8 @@ def main():
         print(sh(BIN, "seed", "--offers", str(OFFERS), "--users", str(USERS), "--reviews", str(REVIEWS), "--seed", "42",
                  env=dict(os.environ, DATABASE_URL=DB_URL, RUST_LOG="error")).strip())
     run = int(time.time())
+    if BASELINE_BIN:
+        baseline_vs_current(run)
     rows = [throughput("on", 4101, f"bench-{run}"), throughput("on", 4105, f"bench-unprot-{run}", protection="off"),
             throughput("off", 4102, f"bench-off-{run}")]
     on, unprotected, off = rows
