@@ -212,11 +212,11 @@ async fn a_redis_outage_fails_no_request_and_heals_by_itself() {
     let a = TestApp::start_with(&vars).await;
     a.seed(60, 300, 2000).await;
     let b = TestApp::start_on(&a.db_url, &vars).await;
-    let read = |app: &'static TestApp, i: usize| async move {
+    let read = async |app: &TestApp, i: usize| {
         let body = app.gql(OFFERS, json!({ "representations": offers(i % 50 + 1..=i % 50 + 5) })).await;
         assert!(body["errors"].is_null(), "request {i} failed: {body}");
     };
-    let (a, b): (&'static TestApp, &'static TestApp) = (Box::leak(Box::new(a)), Box::leak(Box::new(b)));
+    let (a, b) = (&a, &b);
     for i in 0..20 {
         read(a, i).await;
     }

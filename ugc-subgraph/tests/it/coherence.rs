@@ -311,9 +311,9 @@ async fn concurrent_writers_and_readers_find_no_stale_read_after_the_window() {
             }
         }
     };
-    let reader = |app: &'static TestApp| {
+    let reader = async |app: &TestApp| {
         let (log, vars) = (Arc::clone(&log), vars.clone());
-        async move {
+        {
             let (mut reads, mut stale) = (0, Vec::new());
             while Instant::now() < stop_at {
                 let started = Instant::now();
@@ -339,7 +339,7 @@ async fn concurrent_writers_and_readers_find_no_stale_read_after_the_window() {
             (reads, stale)
         }
     };
-    let (b, c): (&'static TestApp, &'static TestApp) = (Box::leak(Box::new(b)), Box::leak(Box::new(c)));
+    let (b, c) = (&b, &c);
     let ((), (reads_b, stale_b), (reads_c, stale_c)) = tokio::join!(writer, reader(b), reader(c));
     let writes = log.lock().unwrap().len() - 1;
     println!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::support::{eventually, fresh_database, token, SECRET};
+use crate::support::{eventually, token, TestDb, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ugc-subgraph");
 
@@ -28,13 +28,14 @@ async fn a_bad_setting_names_the_variable_and_exits_non_zero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
 
-/// The binary serving a fresh database on a free port: (database URL, port, process).
-async fn serve(vars: &[(&str, &str)]) -> (String, u16, tokio::process::Child) {
-    let (_, db_url) = fresh_database().await;
+/// The binary serving a fresh database on a free port: (database, port, process).
+async fn serve(vars: &[(&str, &str)]) -> (TestDb, u16, tokio::process::Child) {
+    let db = TestDb::create().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new(BIN)
         .arg("serve")
-        .env("DATABASE_URL", &db_url)
+        .env("DATABASE_URL", &db.url)
+        .env("UGC_CACHE_PREFIX", &db.prefix)
         .env("UGC_LISTEN", format!("127.0.0.1:{port}"))
         .env("UGC_JWT_SECRET", SECRET)
         .envs(vars.iter().copied())
@@ -43,12 +44,12 @@ async fn serve(vars: &[(&str, &str)]) -> (String, u16, tokio::process::Child) {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    (db_url, port, child)
+    (db, port, child)
 }
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits() {
-    let (db_url, port, mut child) = serve(&[]).await;
+    let (test_db, port, mut child) = serve(&[]).await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     assert!(
@@ -82,7 +83,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     let id = created["data"]["createReview"]["id"].clone();
 
     // Hold the row lock so the next update is still in flight at SIGTERM.
-    let db = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let db = sqlx::PgPool::connect(&test_db.url).await.unwrap();
     let mut blocker = db.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM reviews FOR UPDATE").execute(&mut *blocker).await.unwrap();
     let in_flight = tokio::spawn(gql(
@@ -105,7 +106,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
 /// for the drain period; then the process stops accepting and exits.
 #[tokio::test]
 async fn sigterm_fails_readiness_first_and_keeps_serving_through_the_drain() {
-    let (_, port, mut child) = serve(&[("UGC_SHUTDOWN_DRAIN_MS", "2000")]).await;
+    let (_db, port, mut child) = serve(&[("UGC_SHUTDOWN_DRAIN_MS", "2000")]).await;
     let base = format!("http://127.0.0.1:{port}");
     let ready = |client: reqwest::Client| {
         let url = format!("{base}/health/ready");

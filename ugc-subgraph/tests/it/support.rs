@@ -1,8 +1,10 @@
 //! `TestApp`: a real ugc-subgraph instance for one test, on its own fresh
 //! Postgres database and a free port, talked to over HTTP like the gateway.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
@@ -24,7 +26,13 @@ pub fn admin_url() -> String {
     std::env::var("TEST_PG_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A fresh, empty database; returns its URL.
+/// Databases this test process uses, by URL: how many instances run on each,
+/// and whether the process created it. When the last instance on one stops,
+/// its Redis keys go, and the database too if this process created it;
+/// nothing else is ever dropped (the machine's servers are shared).
+static IN_USE: LazyLock<Mutex<HashMap<String, (usize, bool)>>> = LazyLock::new(Mutex::default);
+
+/// A fresh, empty database; returns its name and URL.
 pub async fn fresh_database() -> (String, String) {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
@@ -34,7 +42,72 @@ pub async fn fresh_database() -> (String, String) {
     admin.close().await;
     let base = admin_url();
     let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+    IN_USE.lock().unwrap().insert(url.clone(), (0, true));
     (name, url)
+}
+
+/// A fresh database for a test that runs the binary itself (no `TestApp`):
+/// the binary must use `prefix` for its Redis keys; both go when dropped.
+pub struct TestDb {
+    pub url: String,
+    pub prefix: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let (name, url) = fresh_database().await;
+        IN_USE.lock().unwrap().remove(&url);
+        Self { prefix: format!("t{name}"), url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        clean_up(&self.prefix, Some(&self.name));
+    }
+}
+
+/// Deletes every Redis key under `prefix` and, when `database` is given,
+/// drops it (terminating the stopped instances' idle connections).
+fn clean_up(prefix: &str, database: Option<&str>) {
+    if let Ok(mut conn) = deadpool_redis::redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)): Result<(u64, Vec<String>), _> = deadpool_redis::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)
+            else {
+                break;
+            };
+            if !keys.is_empty() {
+                let _: Result<i64, _> = deadpool_redis::redis::cmd("DEL").arg(&keys).query(&mut conn);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    if let Some(name) = database {
+        // The stopped instances' pools may reconnect between FORCE's
+        // terminations and the drop: try again a few times.
+        for _ in 0..10 {
+            let dropped = std::process::Command::new("psql")
+                .args(["-Xq", "-v", "ON_ERROR_STOP=1", &admin_url()])
+                .args(["-c", &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if dropped {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 }
 
 pub struct TestApp {
@@ -77,6 +150,7 @@ impl TestApp {
     }
 
     async fn start_instance(db_url: &str, vars: &[(&str, &str)], background: bool) -> Self {
+        IN_USE.lock().unwrap().entry(db_url.to_owned()).or_insert((0, false)).0 += 1;
         let prefix = format!("t{}", db_url.rsplit('/').next().unwrap());
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db_url.to_owned()),
@@ -252,6 +326,24 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.stop.cancel();
+        let last = {
+            let mut in_use = IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+            match in_use.get_mut(&self.db_url) {
+                Some((n, created)) => {
+                    *n -= 1;
+                    let created = *created;
+                    (*n == 0).then(|| {
+                        in_use.remove(&self.db_url);
+                        created
+                    })
+                }
+                None => None,
+            }
+        };
+        if let Some(created) = last {
+            let name = self.db_url.rsplit('/').next().unwrap_or_default().to_owned();
+            clean_up(&self.prefix, created.then_some(name.as_str()));
+        }
     }
 }
 
