@@ -15,7 +15,7 @@ SHARED ?= ../shared
 .PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 run: services release db ## Set up everything, seed a small dataset on an empty database (data is kept afterwards; make seed re-seeds), serve on 127.0.0.1:4001 with GraphiQL
 	$(BIN) migrate
@@ -28,7 +28,7 @@ test: services gateway-deps clean-test-dbs ## Run the whole test suite (unit, in
 	$(CARGO) test --workspace --locked
 	@if [ -f $(SHARED)/tools/contract_check.py ]; then $(MAKE) --no-print-directory contract; fi
 
-bench: services release bench-tools ## Benchmark: cache on vs off (wrk), warm restart, invalidation lag (k6); ~3 min
+bench: services release bench-tools ## Benchmark (~12 min; BENCH_BASELINE_BIN=<binary> adds a same-run comparison): cache on vs off, protection, limiter, overload, warm restart, writes and invalidation lag
 	python3 scripts/bench.py
 
 SCENARIO ?= entities
@@ -83,5 +83,5 @@ gateway-deps: ## Install the gateway harness's pinned npm packages
 gateway: gateway-deps ## Run the offers subgraph and an Apollo gateway on :4000 (ugc-subgraph must run on :4001)
 	node gateway/offers.mjs & node gateway/gateway.mjs
 
-clean-test-dbs: ## Drop databases left by earlier test runs
+clean-test-dbs: ## Drop ugc_t_* databases left by interrupted test runs (only those nobody uses)
 	@scripts/drop-test-databases.sh
