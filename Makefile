@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := target/release/ugc-subgraph
 SHARED ?= ../shared
 
-.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs
+.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,9 +24,21 @@ run: services release db ## Set up everything, seed a small dataset on an empty 
 	@echo "GraphiQL: http://$(UGC_LISTEN)/graphql"
 	UGC_GRAPHIQL=on UGC_INTROSPECTION=on $(BIN) serve
 
-test: services gateway-deps clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end)
+test: services gateway-deps deploy-tools clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end, deployment files, the native stack)
 	$(CARGO) test --workspace --locked
+	BIN=target/debug/ugc-subgraph scripts/stack.sh check
 	@if [ -f $(SHARED)/tools/contract_check.py ]; then $(MAKE) --no-print-directory contract; fi
+
+stack: services release gateway-deps deploy-tools ## The compose topology from native processes: Postgres, Redis, 2 instances (:4001, :4011), offers, gateway (:4000), Prometheus (:9090); Ctrl-C stops it
+	scripts/stack.sh run
+
+stack-check: services gateway-deps deploy-tools ## Bring the native stack up, query through the gateway, check Prometheus scraped both instances, stop it
+	$(CARGO) build -p ugc-subgraph
+	BIN=target/debug/ugc-subgraph scripts/stack.sh check
+
+deploy-tools: ## Install Debian's docker-compose (to validate the compose file) and prometheus (promtool, make stack) if missing
+	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose prometheus >/dev/null)
 
 bench: services release bench-tools ## Benchmark (~12 min; BENCH_BASELINE_BIN=<binary> adds a same-run comparison): cache on vs off, protection, limiter, overload, warm restart, writes and invalidation lag
 	python3 scripts/bench.py

@@ -21,5 +21,5 @@ const resolvers = {
 
 const server = new ApolloServer({ schema: buildSubgraphSchema([{ typeDefs, resolvers }]) });
 const port = Number(process.env.OFFERS_PORT ?? 4002);
-const { url } = await startStandaloneServer(server, { listen: { host: '127.0.0.1', port } });
+const { url } = await startStandaloneServer(server, { listen: { host: process.env.OFFERS_HOST ?? '127.0.0.1', port } });
 console.log(`offers subgraph ready at ${url}`);

@@ -51,6 +51,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 pub use crate::redis::BreakerState;
 pub use gate::L1Gate;
@@ -246,6 +247,20 @@ impl<S: Source> Cache<S> {
     /// # Errors
     /// The source failed for a key no stale value can stand in for.
     pub async fn load(&self, keys: &[CacheKey]) -> Result<HashMap<CacheKey, CachedValue>, S::Error> {
+        let span = tracing::debug_span!(
+            "cache.l1",
+            keys = keys.len(),
+            hits = tracing::field::Empty,
+            misses = tracing::field::Empty,
+        );
+        self.load_from_l1(keys, &span).instrument(span.clone()).await
+    }
+
+    async fn load_from_l1(
+        &self,
+        keys: &[CacheKey],
+        span: &tracing::Span,
+    ) -> Result<HashMap<CacheKey, CachedValue>, S::Error> {
         let inner = &self.inner;
         if !inner.config.enabled {
             return inner.source.load(keys.to_vec()).await;
@@ -261,6 +276,8 @@ impl<S: Source> Cache<S> {
                 Lookup::Miss => missing.push(key.clone()),
             }
         }
+        span.record("hits", out.len());
+        span.record("misses", missing.len());
         if missing.is_empty() {
             return Ok(out);
         }
@@ -471,7 +488,16 @@ impl<S: Source> Inner<S> {
             l2_tokens = take_watermark(l2.tokens(&with_watermark(keys)).await);
         } else if let Some(l2) = &self.l2 {
             let entry_keys: Vec<String> = keys.iter().map(|k| k.redis_key(prefix)).collect();
-            let fetched = l2.mget(&entry_keys, &with_watermark(keys)).await;
+            let span = tracing::debug_span!(
+                "cache.l2",
+                keys = keys.len(),
+                hits = tracing::field::Empty,
+                stale = tracing::field::Empty,
+                misses = tracing::field::Empty,
+            );
+            let asked = Instant::now();
+            let fetched = l2.mget(&entry_keys, &with_watermark(keys)).instrument(span.clone()).await;
+            self.metrics.cache_layer_seconds.get_or_create(&[("layer", "l2")]).observe(asked.elapsed().as_secs_f64());
             if let Some((values, tokens)) = fetched.map(|(values, tokens)| (values, take_watermark(Some(tokens)))) {
                 let tokens = tokens.unwrap_or_default();
                 let now = now_ms();
@@ -489,6 +515,9 @@ impl<S: Source> Inner<S> {
                 }
                 l2_tokens = Some(tokens);
             }
+            span.record("hits", found.len());
+            span.record("stale", stale.len());
+            span.record("misses", keys.len() - found.len() - stale.len());
         } else {
             for key in keys {
                 self.metrics.cache("l2", key.kind().label(), "miss");
@@ -535,8 +564,13 @@ impl<S: Source> Inner<S> {
 
         let db_keys: Vec<CacheKey> = remaining.iter().map(|&i| keys[i].clone()).collect();
         let started = Instant::now();
-        let loaded = self.source.load(db_keys.clone()).await;
+        let loaded = self
+            .source
+            .load(db_keys.clone())
+            .instrument(tracing::debug_span!("cache.source", keys = db_keys.len()))
+            .await;
         let load_time = started.elapsed();
+        self.metrics.cache_layer_seconds.get_or_create(&[("layer", "db")]).observe(load_time.as_secs_f64());
         for key in &db_keys {
             self.metrics.cache("db", key.kind().label(), "load");
         }

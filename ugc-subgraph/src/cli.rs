@@ -69,8 +69,19 @@ pub async fn run() -> anyhow::Result<()> {
         println!("{}", crate::http::auth::issue(secret, sub, *moderator, *ttl_secs)?);
         return Ok(());
     }
-    telemetry::init(config.log_format);
+    let traces = telemetry::init(config.log_format, config.traces.as_ref())
+        .context("cannot set up the OTLP trace exporter (OTEL_EXPORTER_OTLP_ENDPOINT)")?;
     let state = AppState::build(config).context("cannot set up the database and cache clients")?;
+    let outcome = run_command(command, state).await;
+    if let Some(traces) = traces {
+        // Flushing blocks on the exporter: off the runtime's workers, bounded.
+        let flush = tokio::task::spawn_blocking(move || traces.shutdown());
+        let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+    }
+    outcome
+}
+
+async fn run_command(command: Command, state: AppState) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
             state.store.migrate().await.context("migration failed")?;

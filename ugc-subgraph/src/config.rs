@@ -210,6 +210,62 @@ pub struct CoherenceConfig {
     pub instance_lease: Duration,
 }
 
+/// A cache in front (Apollo Router's response cache, a CDN): what answers
+/// tell it, and where invalidations are forwarded.
+#[derive(Clone)]
+pub struct RouterCacheConfig {
+    /// `UGC_ROUTER_CACHE_TAGS`: answers carry `apolloCacheTags` /
+    /// `apolloEntityCacheTags` (off: a few bytes less per entity).
+    pub tags: bool,
+    /// `UGC_ROUTER_INVALIDATION_URL` (a router's `/invalidation`): every
+    /// applied invalidation is forwarded as `cache_tag` requests.
+    pub invalidation_url: Option<String>,
+    /// `UGC_ROUTER_INVALIDATION_SECRET`: the router's `shared_key`, sent as
+    /// the `Authorization` header.
+    pub invalidation_secret: Option<String>,
+    /// `UGC_ROUTER_SUBGRAPH_NAME`: this subgraph's name in the supergraph.
+    pub subgraph_name: String,
+}
+
+impl fmt::Debug for RouterCacheConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterCacheConfig")
+            .field("tags", &self.tags)
+            .field("invalidation_url", &self.invalidation_url)
+            .field("invalidation_secret", &self.invalidation_secret.as_ref().map(|_| "<redacted>"))
+            .field("subgraph_name", &self.subgraph_name)
+            .finish()
+    }
+}
+
+/// OpenTelemetry traces: exported over OTLP/HTTP (JSON) only when an
+/// endpoint is set. The standard variables are read here, validated like
+/// every other setting; the SDK reads the batch processor's `OTEL_BSP_*`
+/// and `OTEL_EXPORTER_OTLP_HEADERS`/`_TIMEOUT` itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracesConfig {
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is) or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended).
+    pub endpoint: String,
+    /// `OTEL_SERVICE_NAME`, default `ugc-subgraph`.
+    pub service_name: String,
+    pub sampler: TraceSampler,
+}
+
+/// `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`. Default:
+/// `parentbased_traceidratio` at [`DEFAULT_TRACE_RATIO`] — a gateway's
+/// sampled trace is always continued, and a tenth of the requests that
+/// come without one start a trace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampler {
+    /// Follow the caller's sampling decision when a `traceparent` came.
+    pub parent_based: bool,
+    /// Fraction of root traces sampled (1 = always on, 0 = always off).
+    pub ratio: f64,
+}
+
+pub const DEFAULT_TRACE_RATIO: f64 = 0.1;
+
 #[derive(Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -225,6 +281,24 @@ pub struct Config {
     /// is disabled without it.
     pub events_token: Option<String>,
     pub log_format: LogFormat,
+    /// `None`: traces are off (no endpoint, or `OTEL_SDK_DISABLED=true`).
+    pub traces: Option<TracesConfig>,
+    pub router: RouterCacheConfig,
+    /// `UGC_METRICS_OPERATIONS`: operation names that get their own label
+    /// in the latency histogram (bounded cardinality: the rest is `other`).
+    pub metrics_operations: OperationNames,
+}
+
+/// A fixed set of operation names, leaked once at start-up so that labels
+/// are `&'static str` like every other label.
+#[derive(Debug, Clone, Default)]
+pub struct OperationNames(Vec<&'static str>);
+
+impl OperationNames {
+    /// `name` if listed, else `other`.
+    pub fn label(&self, name: &str) -> &'static str {
+        self.0.iter().find(|n| **n == name).copied().unwrap_or("other")
+    }
 }
 
 impl Config {
@@ -394,8 +468,97 @@ impl Config {
             auth: AuthConfig { jwt_secret, trusted_proxies },
             domain: DomainConfig { moderate_on_create: env.bool("UGC_MODERATE_ON_CREATE", false)? },
             log_format,
+            traces: traces(env)?,
+            router: router(env)?,
+            metrics_operations: operation_names(env)?,
         })
     }
+}
+
+fn operation_names(env: &Env) -> Result<OperationNames, ConfigError> {
+    let names: Vec<&str> =
+        env.get("UGC_METRICS_OPERATIONS").unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if names.len() > 200 {
+        return Err(env.invalid("UGC_METRICS_OPERATIONS", "at most 200 names"));
+    }
+    if let Some(bad) = names.iter().find(|n| !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')) {
+        return Err(env.invalid("UGC_METRICS_OPERATIONS", format!("{bad:?} is not a GraphQL name")));
+    }
+    Ok(OperationNames(names.into_iter().map(|n| &*Box::leak(n.to_owned().into_boxed_str())).collect()))
+}
+
+fn router(env: &Env) -> Result<RouterCacheConfig, ConfigError> {
+    let invalidation_url = env.get("UGC_ROUTER_INVALIDATION_URL").map(str::to_owned);
+    if let Some(url) = &invalidation_url {
+        if !url.starts_with("http://") || url.parse::<axum::http::Uri>().is_err() {
+            return Err(env.invalid("UGC_ROUTER_INVALIDATION_URL", "expected an http:// URL"));
+        }
+    }
+    let invalidation_secret = env.get("UGC_ROUTER_INVALIDATION_SECRET").map(str::to_owned);
+    if invalidation_url.is_some() && invalidation_secret.is_none() {
+        return Err(ConfigError::Missing("UGC_ROUTER_INVALIDATION_SECRET"));
+    }
+    if invalidation_secret.as_deref().is_some_and(|s| axum::http::HeaderValue::from_str(s).is_err()) {
+        return Err(env.invalid("UGC_ROUTER_INVALIDATION_SECRET", "must be visible ASCII (an HTTP header value)"));
+    }
+    let subgraph_name = env.get("UGC_ROUTER_SUBGRAPH_NAME").unwrap_or("ugc").to_owned();
+    if subgraph_name.is_empty() || !subgraph_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(env.invalid("UGC_ROUTER_SUBGRAPH_NAME", "letters, digits, - and _ only"));
+    }
+    Ok(RouterCacheConfig {
+        tags: env.bool("UGC_ROUTER_CACHE_TAGS", false)?,
+        invalidation_url,
+        invalidation_secret,
+        subgraph_name,
+    })
+}
+
+fn traces(env: &Env) -> Result<Option<TracesConfig>, ConfigError> {
+    let disabled = match env.get("OTEL_SDK_DISABLED") {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(_) => return Err(env.invalid("OTEL_SDK_DISABLED", "expected true or false")),
+    };
+    let endpoint = match (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), env.get("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+        (Some(url), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.to_owned()),
+        (None, Some(base)) => ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("{}/v1/traces", base.trim_end_matches('/'))),
+        (None, None) => return Ok(None),
+    };
+    if !(endpoint.1.starts_with("http://") || endpoint.1.starts_with("https://")) {
+        return Err(env.invalid(endpoint.0, "expected an http:// or https:// URL (OTLP over HTTP)"));
+    }
+    if let Some(protocol) = env.get("OTEL_EXPORTER_OTLP_PROTOCOL") {
+        if protocol != "http/json" {
+            return Err(env.invalid("OTEL_EXPORTER_OTLP_PROTOCOL", "this build exports http/json only"));
+        }
+    }
+    let ratio_arg = || -> Result<f64, ConfigError> {
+        match env.get("OTEL_TRACES_SAMPLER_ARG") {
+            None => Ok(1.0),
+            Some(raw) => match raw.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+                _ => Err(env.invalid("OTEL_TRACES_SAMPLER_ARG", "expected a ratio from 0 to 1")),
+            },
+        }
+    };
+    let sampler = match env.get("OTEL_TRACES_SAMPLER") {
+        None => TraceSampler { parent_based: true, ratio: DEFAULT_TRACE_RATIO },
+        Some("always_on") => TraceSampler { parent_based: false, ratio: 1.0 },
+        Some("always_off") => TraceSampler { parent_based: false, ratio: 0.0 },
+        Some("traceidratio") => TraceSampler { parent_based: false, ratio: ratio_arg()? },
+        Some("parentbased_always_on") => TraceSampler { parent_based: true, ratio: 1.0 },
+        Some("parentbased_always_off") => TraceSampler { parent_based: true, ratio: 0.0 },
+        Some("parentbased_traceidratio") => TraceSampler { parent_based: true, ratio: ratio_arg()? },
+        Some(_) => {
+            return Err(env.invalid(
+                "OTEL_TRACES_SAMPLER",
+                "expected always_on, always_off, traceidratio or their parentbased_ forms",
+            ))
+        }
+    };
+    let service_name = env.get("OTEL_SERVICE_NAME").unwrap_or("ugc-subgraph").to_owned();
+    Ok((!disabled).then_some(TracesConfig { endpoint: endpoint.1, service_name, sampler }))
 }
 
 impl fmt::Debug for Config {
@@ -413,6 +576,8 @@ impl fmt::Debug for Config {
             .field("cache", &self.cache)
             .field("rate_limit", &self.rate_limit)
             .field("events_token", &self.events_token.as_ref().map(|_| "<redacted>"))
+            .field("traces", &self.traces)
+            .field("router", &self.router)
             .finish()
     }
 }

@@ -18,6 +18,7 @@ pub mod cascade;
 pub mod external;
 pub mod fanout;
 pub mod relay;
+pub mod router;
 pub mod visibility;
 
 pub use crate::domain::event::{Event, RemovalCause, ReviewChange};

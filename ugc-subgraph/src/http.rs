@@ -15,12 +15,14 @@
 //! overloaded instance as alive.
 
 pub mod auth;
+mod cache_control;
 pub mod client;
 mod events;
 mod graphiql;
 mod graphql;
 mod health;
 pub mod layers;
+mod observe;
 pub mod state;
 
 use std::convert::Infallible;
@@ -34,7 +36,6 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::http::state::AppState;
 
@@ -71,7 +72,7 @@ pub fn build_router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(config.http.max_body_bytes))
         .layer(from_fn_with_state(Arc::clone(&state.clients), layers::resolve_client))
         .layer(CatchPanicLayer::custom(graphql::panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(from_fn_with_state(state.clone(), observe::observe))
         .with_state(state)
 }
 
@@ -86,6 +87,7 @@ fn metrics_route() -> MethodRouter<AppState> {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     state.cache.export_gauges();
+    state.metrics.export_process();
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

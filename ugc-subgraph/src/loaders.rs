@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_graphql::dataloader::{DataLoader, Loader};
+use tracing::Instrument;
 
 use crate::cache::{BoxFuture, Cache, CacheKey, CachedValue, Source, Tag};
 use crate::config::Config;
@@ -70,6 +71,9 @@ pub async fn failing<F: std::future::Future>(error: LoadError, f: F) -> F::Outpu
 pub struct Deps {
     pub tags: Vec<(Tag, u64)>,
     pub fresh_until: Option<Instant>,
+    /// Something was read that depends on who asks (a signed-in viewer's
+    /// look past the public cache): the answer must not be shared.
+    pub private: bool,
 }
 
 impl Deps {
@@ -194,7 +198,8 @@ impl Loader<CacheKey> for Batches {
     type Error = LoadError;
 
     async fn load(&self, keys: &[CacheKey]) -> Result<HashMap<CacheKey, CachedValue>, LoadError> {
-        self.cache.load(keys).await
+        let span = tracing::debug_span!("dataloader.batch", kind = "cache", size = keys.len());
+        self.cache.load(keys).instrument(span).await
     }
 }
 
@@ -212,9 +217,16 @@ impl Loader<PrivateReviewKey> for PrivateReviews {
 
     async fn load(&self, keys: &[PrivateReviewKey]) -> Result<HashMap<PrivateReviewKey, Arc<Review>>, LoadError> {
         let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
-        let found = self.store.reviews_by_ids(&ids).await?;
+        let span = tracing::debug_span!("dataloader.batch", kind = "private_review", size = ids.len());
+        let found = self.store.reviews_by_ids(&ids).instrument(span).await?;
         Ok(found.into_iter().map(|r| (PrivateReviewKey(r.id), Arc::new(r))).collect())
     }
+}
+
+/// Runs a batch in the span of the request that started it, so that a
+/// trace shows the batch under its operation.
+fn spawn_in_current_span(batch: futures::future::BoxFuture<'static, ()>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(batch.in_current_span())
 }
 
 /// What resolvers hold: typed lookups over the cache and the loaders.
@@ -281,8 +293,10 @@ impl Loaders {
         };
         Self {
             detector,
-            batches: DataLoader::new(Batches { cache: cache.clone() }, tokio::spawn).delay(delay).max_batch_size(500),
-            private: DataLoader::new(PrivateReviews { store }, tokio::spawn).delay(delay),
+            batches: DataLoader::new(Batches { cache: cache.clone() }, spawn_in_current_span)
+                .delay(delay)
+                .max_batch_size(500),
+            private: DataLoader::new(PrivateReviews { store }, spawn_in_current_span).delay(delay),
             cache,
         }
     }
@@ -330,7 +344,14 @@ impl Loaders {
 
     /// A live review in any status: for signed-in viewers only, uncached.
     pub async fn review_any_status(&self, id: i64) -> Result<Option<Arc<Review>>, LoadError> {
+        self.depends_on_viewer();
         self.private.load_one(PrivateReviewKey(id)).await
+    }
+
+    /// Marks what is being answered as one the viewer could change (a
+    /// review that is not public: its author or a moderator would see it).
+    pub fn depends_on_viewer(&self) {
+        let _ = RECORDER.try_with(|r| r.lock().private = true);
     }
 
     pub async fn rating(&self, offer_id: &str) -> Result<RatingSummary, LoadError> {

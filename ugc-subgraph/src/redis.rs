@@ -21,6 +21,7 @@ use std::time::Duration;
 use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, RedisResult};
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use tracing::Instrument;
 
 use crate::telemetry::metrics::Metrics;
 pub use breaker::State as BreakerState;
@@ -91,13 +92,18 @@ impl RedisClient {
             inner.metrics.redis_breaker_state.set(inner.breaker.state().as_gauge());
             return None;
         }
+        let span = crate::telemetry::traces::client_span("redis", op);
         let outcome = tokio::time::timeout(inner.timeout, async {
             match self.connection().await {
                 Some(conn) => f(conn).await.map_err(|e| e.to_string()),
                 None => Err("no connection".to_owned()),
             }
         })
+        .instrument(span.clone())
         .await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            span.record("otel.status_code", "ERROR");
+        }
         match outcome {
             Ok(Ok(value)) => {
                 inner.breaker.success();

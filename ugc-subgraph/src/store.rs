@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
+use tracing::Instrument;
 
 use crate::config::DatabaseConfig;
 use crate::domain::{InvalidInput, Review, ReviewStatus};
@@ -148,9 +149,13 @@ impl Store {
         statement: &'static str,
         query: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
+        let span = crate::telemetry::traces::client_span("postgresql", statement);
         let started = Instant::now();
-        let result = query.await;
+        let result = query.instrument(span.clone()).await;
         self.metrics.sql(statement, started.elapsed(), result.is_ok());
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         result.map_err(|e| classify(statement, e))
     }
 }

@@ -34,6 +34,18 @@ pub fn encode(tag: &Tag) -> String {
     }
 }
 
+/// The name a cache in front (Apollo Router's response cache, a CDN) knows
+/// a tag by: `review-<id>`, `offer-<id>`, `author-<id>`. Responses carry
+/// these (`apolloCacheTags`, `apolloEntityCacheTags`) and the invalidation
+/// forwarder sends the same names, so one rule decides both.
+pub fn public_name(tag: &Tag) -> String {
+    match tag {
+        Tag::Review(id) => format!("review-{id}"),
+        Tag::Offer(id) => format!("offer-{id}"),
+        Tag::Author(id) => format!("author-{id}"),
+    }
+}
+
 pub fn decode(raw: &str) -> Option<Tag> {
     let (kind, id) = raw.split_once(':')?;
     match kind {

@@ -85,11 +85,15 @@ fn lost(events: &Events, why: &'static str) {
 }
 
 fn apply(events: &Events, payload: &str) {
+    let span = tracing::debug_span!("invalidation.fanout", event = tracing::field::Empty, tags = tracing::field::Empty);
+    let _entered = span.enter();
     let Ok(note) = serde_json::from_str::<Invalidation>(payload) else {
         tracing::error!("unreadable invalidation; dropping L1 to stay correct");
         events.cache().invalidate_all_local();
         return;
     };
+    span.record("event", note.id);
+    span.record("tags", note.tags.len());
     // Before the L1 bump: a load that misses after it reads far enough.
     events.store().require(note.lsn);
     if note.origin == events.origin() {

@@ -18,8 +18,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::cascade;
+use super::router::RouterInvalidation;
 use super::visibility::Visibility;
 use crate::cache::Tag;
 use crate::config::CoherenceConfig;
@@ -78,6 +80,8 @@ pub struct Events {
     cache: ReadCache,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// A router in front to tell about applied invalidations.
+    router: Option<RouterInvalidation>,
 }
 
 impl Events {
@@ -86,7 +90,14 @@ impl Events {
         let origin = (rand::random::<u64>() >> 1) | 1;
         let visibility =
             Arc::new(Visibility::new(origin, coherence, store.clone(), cache.clone(), Arc::clone(&metrics)));
-        Self { origin, visibility, store, cache, metrics, wake: Arc::new(Notify::new()) }
+        Self { origin, visibility, store, cache, metrics, wake: Arc::new(Notify::new()), router: None }
+    }
+
+    /// Forwards every invalidation this instance applies to `router`.
+    #[must_use]
+    pub fn with_router(mut self, router: Option<RouterInvalidation>) -> Self {
+        self.router = router;
+        self
     }
 
     pub fn visibility(&self) -> &Arc<Visibility> {
@@ -147,17 +158,29 @@ impl Events {
     /// # Errors
     /// Postgres unavailable or failing.
     pub async fn relay(&self, only: Option<i64>) -> Result<usize, StoreError> {
-        let (mut tx, events, position) = self.store.claim_events(only, BATCH).await?;
+        let (tx, events, position) = self.store.claim_events(only, BATCH).await?;
         if events.is_empty() {
             tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
             return Ok(0);
         }
+        let span = tracing::debug_span!("outbox.relay", events = events.len(), tags = tracing::field::Empty);
+        self.apply_claimed(tx, events, position, &span).instrument(span.clone()).await
+    }
+
+    async fn apply_claimed(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        events: Vec<OutboxEvent>,
+        position: u64,
+        span: &tracing::Span,
+    ) -> Result<usize, StoreError> {
         // Before any token moves: a load that sees a moved token also sees
         // the position its read must reach (replica fencing).
         self.store.require(position);
         self.cache.advance_watermark(position).await;
         let mut done = Vec::new();
-        let mut retried = 0;
+        let (mut retried, mut tags_applied) = (0, 0);
+        let mut forwarded = Vec::new();
         for OutboxEvent { id, event, created_at, progress, .. } in &events {
             let tags = cascade::tags(event);
             let start = (*progress).min(tags.len());
@@ -171,10 +194,14 @@ impl Events {
                 applied += chunk.len();
             }
             self.cache.invalidate_local(window);
+            if self.router.is_some() {
+                forwarded.extend_from_slice(&window[..applied]);
+            }
             for payload in notes(*id, created_at.timestamp_micros(), self.origin, position, window) {
                 self.store.notify(&mut tx, INVALIDATE_CHANNEL, &payload).await?;
             }
             self.metrics.events_relayed.inc();
+            tags_applied += applied;
             let reached = start + applied;
             if reached == tags.len() {
                 done.push(*id);
@@ -196,8 +223,14 @@ impl Events {
                 }
             }
         }
+        span.record("tags", tags_applied);
         self.store.finish_events(&mut tx, &done).await?;
         tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
+        // After the commit that delivers the notifications (see router.rs
+        // for why the router is told only a visibility window later).
+        if let Some(router) = &self.router {
+            router.forward(&forwarded);
+        }
         if retried > 0 {
             tracing::warn!(events = retried, "shared cache invalidation deferred (Redis unavailable); will retry");
         }

@@ -34,9 +34,11 @@ use std::time::{Duration, Instant};
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType, Selection};
 use async_graphql::{Name, PathSegment, ServerError, Value as GqlValue, Variables};
 use moka::sync::Cache as MokaSync;
+use tracing::Instrument;
 
 use super::{RequestAuth, UgcSchema};
 use crate::cache::Tag;
+use crate::events::cascade;
 use crate::loaders::{discovering, failing, recording, ReadCache, Recorder};
 use crate::telemetry::metrics::Metrics;
 
@@ -62,6 +64,17 @@ struct Fragment {
     json: Box<str>,
     deps: Vec<(Tag, u64)>,
     expires: Instant,
+    /// The entity's cache tags for a router in front, as a JSON array.
+    tags: Box<str>,
+}
+
+/// An answer from rendered fragments: the body, and how long it stays
+/// fresh (for `Cache-Control`).
+pub struct Served {
+    pub body: String,
+    pub fresh_for: Duration,
+    /// Some entity failed: the body carries errors, nothing may keep it.
+    pub failed: bool,
 }
 
 /// The variable that carries the representations, when the query
@@ -84,6 +97,7 @@ struct Known {
 
 pub struct EntityCache {
     enabled: bool,
+    router_tags: bool,
     shapes: MokaSync<u64, Arc<Known>>,
     fragments: MokaSync<FragmentKey, Arc<Fragment>>,
     cache: ReadCache,
@@ -97,14 +111,16 @@ fn hash(s: &str) -> u64 {
 }
 
 impl EntityCache {
-    pub fn new(enabled: bool, max_bytes: u64, cache: ReadCache, metrics: Arc<Metrics>) -> Self {
+    /// `router_tags`: answers carry `apolloEntityCacheTags`.
+    pub fn new(enabled: bool, router_tags: bool, max_bytes: u64, cache: ReadCache, metrics: Arc<Metrics>) -> Self {
         Self {
             enabled,
+            router_tags,
             shapes: MokaSync::new(SHAPES),
             fragments: MokaSync::builder()
                 .max_capacity(max_bytes)
                 .weigher(|k: &FragmentKey, f: &Arc<Fragment>| {
-                    u32::try_from(k.id.len() + f.json.len() + f.deps.len() * 48 + 96).unwrap_or(u32::MAX)
+                    u32::try_from(k.id.len() + f.json.len() + f.tags.len() + f.deps.len() * 48 + 96).unwrap_or(u32::MAX)
                 })
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
@@ -142,7 +158,7 @@ impl EntityCache {
         schema: &UgcSchema,
         request: &async_graphql::Request,
         auth: &RequestAuth,
-    ) -> Option<String> {
+    ) -> Option<Served> {
         // Fragments are L1 too: not served while this instance may be
         // behind the invalidation stream.
         let now = Instant::now();
@@ -157,6 +173,12 @@ impl EntityCache {
             keys.push(representation(rep, known.serial)?);
         }
 
+        let span = tracing::debug_span!(
+            "entity_cache",
+            entities = keys.len(),
+            hits = tracing::field::Empty,
+            misses = tracing::field::Empty,
+        );
         let mut parts: Vec<Option<Arc<Fragment>>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -168,9 +190,11 @@ impl EntityCache {
             parts.push(hit);
         }
 
+        span.record("hits", keys.len() - missing.len());
+        span.record("misses", missing.len());
         if !missing.is_empty() {
             let reps: Vec<&GqlValue> = missing.iter().map(|&i| &reps[i]).collect();
-            match self.render(schema, request, shape, auth, &reps).await {
+            match self.render(schema, request, shape, auth, &reps).instrument(span.clone()).await {
                 Rendered::Fragments(fragments) => {
                     for (&i, fragment) in missing.iter().zip(fragments) {
                         // Fenced: a fragment whose reads were invalidated
@@ -190,21 +214,41 @@ impl EntityCache {
                 // not executed again on the normal path, which would repeat
                 // every failing load (and, with Postgres down, its whole
                 // time-out).
-                Rendered::Failed(response) => return assemble(&parts, &missing, response),
+                Rendered::Failed(response) => {
+                    let body = assemble(&parts, &missing, response)?;
+                    return Some(Served { body, fresh_for: Duration::ZERO, failed: true });
+                }
                 Rendered::Unusual => return None,
             }
         }
 
-        let mut body = String::with_capacity(32 + parts.iter().flatten().map(|f| f.json.len() + 1).sum::<usize>());
+        let tags = |f: &Fragment| if self.router_tags { f.tags.len() + 1 } else { 0 };
+        let size = 64 + parts.iter().flatten().map(|f| f.json.len() + 1 + tags(f)).sum::<usize>();
+        let mut body = String::with_capacity(size);
         body.push_str(r#"{"data":{"_entities":["#);
+        let mut expires = None::<Instant>;
         for (n, part) in parts.iter().enumerate() {
             if n > 0 {
                 body.push(',');
             }
-            body.push_str(&part.as_ref()?.json);
+            let part = part.as_ref()?;
+            expires = Some(expires.map_or(part.expires, |e| e.min(part.expires)));
+            body.push_str(&part.json);
         }
-        body.push_str("]}}");
-        Some(body)
+        body.push_str("]}");
+        if self.router_tags {
+            body.push_str(r#","extensions":{"apolloEntityCacheTags":["#);
+            for (n, part) in parts.iter().flatten().enumerate() {
+                if n > 0 {
+                    body.push(',');
+                }
+                body.push_str(&part.tags);
+            }
+            body.push_str("]}");
+        }
+        body.push('}');
+        let fresh_for = expires.map_or(Duration::ZERO, |e| e.saturating_duration_since(Instant::now()));
+        Some(Served { body, fresh_for, failed: false })
     }
 
     /// Renders the missing entities, one fragment each with its own
@@ -282,13 +326,20 @@ impl EntityCache {
             // A fragment ages with its data: it is fresh until the oldest
             // value it read stops being fresh, and never past the TTL.
             let expires = deps.fresh_until.map_or(rendered_at, |t| t.min(rendered_at + ttl));
-            fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires }));
+            let tags = router_tags(&deps.tags);
+            fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires, tags }));
         }
         match failed {
             Some(response) => Rendered::Failed(response),
             None => Rendered::Fragments(fragments),
         }
     }
+}
+
+/// The public names of `deps`' tags, sorted and unique, as a JSON array.
+pub fn router_tags(deps: &[(Tag, u64)]) -> Box<str> {
+    let names: std::collections::BTreeSet<String> = deps.iter().map(|(tag, _)| cascade::public_name(tag)).collect();
+    serde_json::to_string(&names).unwrap_or_else(|_| "[]".to_owned()).into()
 }
 
 /// What rendering the misses produced.
@@ -456,7 +507,7 @@ mod tests {
         let store = crate::store::Store::connect(&config.database, Arc::clone(&metrics)).unwrap();
         {
             let loaders = crate::loaders::Loaders::build(&config, store, None, Arc::clone(&metrics));
-            let cache = EntityCache::new(true, 1 << 20, loaders.cache.clone(), metrics);
+            let cache = EntityCache::new(true, false, 1 << 20, loaders.cache.clone(), metrics);
             let a = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id } } }";
             let b = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on User { id } } }";
             assert!(cache.known(42, a, None).is_some(), "a qualifies");

@@ -43,6 +43,8 @@ pub(super) async fn visible_review(ctx: &Context<'_>, id: i64) -> Result<Option<
     if let Some(review) = loaders.public_review(id).await? {
         return Ok(Some(ReviewObject(review)));
     }
+    // Not public: someone else (its author, a moderator) may see it.
+    loaders.depends_on_viewer();
     if viewer.user_id().is_none() {
         return Ok(None);
     }

@@ -19,12 +19,15 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use tracing::Instrument;
 
+use super::cache_control;
 use super::client::ClientAddr;
 use super::layers::{error_body, too_many_requests};
 use crate::graphql::cost::{self, Admitted, CostError, Verdict};
 use crate::graphql::{IdempotencyHeader, RequestAuth};
 use crate::http::state::AppState;
+use crate::loaders::{recording, Recorder};
 
 const JSON: &str = "application/json";
 /// Only a safety net for mutations (see `execute`): far above what their
@@ -95,7 +98,37 @@ pub async fn execute(
         }
     }
     let operation = if admitted.mutation { "mutation" } else { "query" };
+    let span = tracing::debug_span!(
+        "graphql.operation",
+        otel.name = %format_args!("{operation} {}", operation_name(&batch)),
+        graphql.operation.type = operation,
+        graphql.operation.name = operation_name(&batch),
+        graphql.operations = requests(&batch).count(),
+    );
+    run(state, batch, auth, idempotency, admitted, format).instrument(span).await
+}
 
+/// The operation name for spans: the request's, else `anonymous`
+/// (a batch: `batch`). Never variables.
+fn operation_name(batch: &BatchRequest) -> &str {
+    match batch {
+        BatchRequest::Single(r) => r.operation_name.as_deref().unwrap_or("anonymous"),
+        BatchRequest::Batch(_) => "batch",
+    }
+}
+
+/// An admitted request: the entity cache, else execution.
+async fn run(
+    state: AppState,
+    batch: BatchRequest,
+    auth: RequestAuth,
+    idempotency: Option<IdempotencyHeader>,
+    admitted: Admitted,
+    format: &'static str,
+) -> Response {
+    let operation = if admitted.mutation { "mutation" } else { "query" };
+    // A metric label: only a name the operator listed, never the client's string.
+    let name = state.config.metrics_operations.label(operation_name(&batch));
     let in_flight = InFlight::enter(&state.metrics.in_flight);
     let started = Instant::now();
     // The gateway's entity fetches may be answered from rendered fragments.
@@ -106,17 +139,21 @@ pub async fn execute(
         )
         .await;
         match cached {
-            Ok(Some(body)) => {
+            Ok(Some(served)) => {
                 drop(in_flight);
-                observe(&state, operation, "ok", started);
-                return raw_json_response(format, body);
+                observe(&state, operation, name, if served.failed { "error" } else { "ok" }, started);
+                let mut response = raw_json_response(format, served.body);
+                let hint =
+                    if served.failed { cache_control::NO_STORE } else { cache_control::public(served.fresh_for) };
+                response.headers_mut().insert(header::CACHE_CONTROL, hint);
+                return response;
             }
             // Not an entity fetch the cache serves: execute it below.
             Ok(None) => {}
             // Out of time already: executing again would double the wait.
             Err(_) => {
                 drop(in_flight);
-                observe(&state, operation, "timeout", started);
+                observe(&state, operation, name, "timeout", started);
                 return reject(&state, StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "request timed out");
             }
         }
@@ -130,14 +167,25 @@ pub async fn execute(
     // write makes the client's retry a second write, or a CONFLICT).
     // Postgres's statement and pool time-outs bound it instead.
     let timeout = if admitted.mutation { MUTATION_TIMEOUT_CEILING } else { state.config.http.request_timeout };
-    let outcome = tokio::time::timeout(timeout, state.schema.execute_batch(batch)).await;
+    // What a query reads decides what caches in front may do with it.
+    let recorder = Recorder::default();
+    let outcome = tokio::time::timeout(timeout, recording(recorder.clone(), state.schema.execute_batch(batch))).await;
     drop(in_flight);
     let Ok(mut response) = outcome else {
-        observe(&state, operation, "timeout", started);
+        observe(&state, operation, name, "timeout", started);
         return reject(&state, StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "request timed out");
     };
+    let deps = recorder.take();
+    let hint = if admitted.mutation {
+        cache_control::NO_STORE
+    } else {
+        cache_control::for_query(&deps, response.is_ok(), state.cache.ttl())
+    };
+    if let (BatchResponse::Single(single), false, true) = (&mut response, admitted.mutation, state.config.router.tags) {
+        cache_control::add_tags(single, &deps);
+    }
     let outcome = add_default_codes(&mut response);
-    observe(&state, operation, if response.is_ok() { "ok" } else { "error" }, started);
+    observe(&state, operation, name, if response.is_ok() { "ok" } else { "error" }, started);
 
     let status = match outcome {
         Outcome::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -145,6 +193,7 @@ pub async fn execute(
         _ => StatusCode::OK,
     };
     let mut response = json_response(status, format, &response);
+    response.headers_mut().insert(header::CACHE_CONTROL, hint);
     if outcome == Outcome::Unavailable {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
     }
@@ -197,11 +246,11 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn observe(state: &AppState, operation: &'static str, outcome: &'static str, started: Instant) {
+fn observe(state: &AppState, operation: &'static str, name: &'static str, outcome: &'static str, started: Instant) {
     state
         .metrics
         .graphql_seconds
-        .get_or_create(&[("operation", operation), ("outcome", outcome)])
+        .get_or_create(&[("operation", operation), ("name", name), ("outcome", outcome)])
         .observe(started.elapsed().as_secs_f64());
 }
 
@@ -297,7 +346,9 @@ fn raw_json_response(content_type: &'static str, body: String) -> Response {
 /// A rejection before execution, shaped like a GraphQL response.
 fn reject(state: &AppState, status: StatusCode, code: &'static str, message: &str) -> Response {
     state.metrics.http_rejections.get_or_create(&[("reason", code)]).inc();
-    json_response(status, JSON, &error_body(code, message))
+    let mut response = json_response(status, JSON, &error_body(code, message));
+    response.headers_mut().insert(header::CACHE_CONTROL, cache_control::NO_STORE);
+    response
 }
 
 /// A panic in a handler: logged, answered as an internal error.

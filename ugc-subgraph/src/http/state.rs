@@ -8,6 +8,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::events::router::RouterInvalidation;
 use crate::events::{fanout, Events};
 use crate::graphql::cost::CostGuard;
 use crate::graphql::entity_cache::EntityCache;
@@ -74,9 +75,12 @@ impl AppState {
         let clients = Arc::new(ClientResolver::new(config.auth.trusted_proxies.clone()));
         let cost = Arc::new(CostGuard::new(config.graphql.clone()));
         let cache = loaders.cache.clone();
-        let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics), &config.coherence);
+        let events = Events::new(store.clone(), cache.clone(), Arc::clone(&metrics), &config.coherence).with_router(
+            RouterInvalidation::start(&config.router, config.coherence.write_visibility_timeout, &metrics),
+        );
         let entity_cache = Arc::new(EntityCache::new(
             config.cache.enabled && config.cache.entity_cache,
+            config.router.tags,
             config.cache.l1_max_bytes / 2,
             cache.clone(),
             Arc::clone(&metrics),

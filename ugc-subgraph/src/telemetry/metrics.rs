@@ -37,12 +37,15 @@ pub struct Metrics {
     pub sql_errors: Family<Labels, Counter>,
     /// Keys per DataLoader batch, by loader.
     pub loader_batch_size: Family<Labels, Histogram, fn() -> Histogram>,
-    /// GraphQL request latency, by operation type and outcome.
-    pub graphql_seconds: Family<Labels2, Histogram, fn() -> Histogram>,
+    /// GraphQL request latency, by operation type, operation name (only
+    /// names on `UGC_METRICS_OPERATIONS`, else `other`) and outcome.
+    pub graphql_seconds: Family<Labels3, Histogram, fn() -> Histogram>,
     /// Requests turned away before execution (body too large, bad JSON, ...), by reason.
     pub http_rejections: Family<Labels, Counter>,
     /// Requests in flight.
     pub in_flight: Gauge,
+    /// HTTP responses, by route (the fixed set served) and status class.
+    pub http_responses: Family<Labels2, Counter>,
     /// Cache lookups by layer (l1, l2, db), kind and result (hit, miss, stale).
     pub cache_requests: Family<Labels3, Counter>,
     /// L1 weighted size in bytes, and entries (refreshed at each scrape).
@@ -114,6 +117,16 @@ pub struct Metrics {
     /// Reads with a replica configured, by the pool used (replica, or
     /// primary while the replica is behind a known write).
     pub replica_routing: Family<Labels, Counter>,
+    /// Latency of one cache layer's lookup of a batch, by layer (l2, db).
+    pub cache_layer_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// The process (refreshed at each scrape): resident memory, open file
+    /// descriptors, live Tokio tasks.
+    pub process_resident_bytes: Gauge,
+    pub process_open_fds: Gauge,
+    pub tokio_alive_tasks: Gauge,
+    /// Tags forwarded to a router's invalidation endpoint, by outcome
+    /// (sent, failed, dropped).
+    pub router_invalidations: Family<Labels, Counter>,
 }
 
 pub const STATEMENT: &str = "statement";
@@ -136,6 +149,7 @@ impl Metrics {
             graphql_seconds: Family::new_with_constructor(latency_histogram),
             http_rejections: Family::default(),
             in_flight: Gauge::default(),
+            http_responses: Family::default(),
             cache_requests: Family::default(),
             l1_bytes: Gauge::default(),
             l1_entries: Gauge::default(),
@@ -170,6 +184,11 @@ impl Metrics {
             outbox_parked: Counter::default(),
             outbox_retries: Counter::default(),
             replica_routing: Family::default(),
+            router_invalidations: Family::default(),
+            cache_layer_seconds: Family::new_with_constructor(latency_histogram),
+            process_resident_bytes: Gauge::default(),
+            process_open_fds: Gauge::default(),
+            tokio_alive_tasks: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("ugc");
         registry.register("sql_statements", "SQL statements executed", m.sql_statements.clone());
@@ -179,6 +198,7 @@ impl Metrics {
         registry.register("graphql_request_seconds", "GraphQL request latency", m.graphql_seconds.clone());
         registry.register("http_rejections", "Requests rejected before execution", m.http_rejections.clone());
         registry.register("requests_in_flight", "GraphQL requests being executed", m.in_flight.clone());
+        registry.register("http_responses", "HTTP responses by route and status class", m.http_responses.clone());
         registry.register("cache_requests", "Cache lookups by layer, kind and result", m.cache_requests.clone());
         registry.register("l1_bytes", "L1 cache weighted size in bytes", m.l1_bytes.clone());
         registry.register("l1_entries", "L1 cache entries", m.l1_entries.clone());
@@ -251,6 +271,23 @@ impl Metrics {
         registry.register("visibility_acks_sent", "Acknowledgement notifications sent", m.visibility_acks_sent.clone());
         registry.register("outbox_parked", "Outbox events parked after too many failures", m.outbox_parked.clone());
         registry.register("replica_routing", "Reads by pool while a replica is configured", m.replica_routing.clone());
+        registry.register(
+            "router_invalidations",
+            "Cache tags forwarded to a router's invalidation endpoint",
+            m.router_invalidations.clone(),
+        );
+        registry.register(
+            "cache_layer_seconds",
+            "Latency of a cache layer's lookup of one batch",
+            m.cache_layer_seconds.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the process",
+            m.process_resident_bytes.clone(),
+        );
+        registry.register("process_open_fds", "Open file descriptors of the process", m.process_open_fds.clone());
+        registry.register("tokio_alive_tasks", "Live Tokio tasks", m.tokio_alive_tasks.clone());
         registry.register("outbox_retries", "Relay passes that failed and will be retried", m.outbox_retries.clone());
         Self { registry, ..m }
     }
@@ -268,6 +305,23 @@ impl Metrics {
     /// Counts one cache lookup outcome.
     pub fn cache(&self, layer: &'static str, kind: &'static str, result: &'static str) {
         self.cache_requests.get_or_create(&[("layer", layer), ("kind", kind), ("result", result)]).inc();
+    }
+
+    /// Reads the process gauges (Linux `/proc`; elsewhere they stay 0).
+    pub fn export_process(&self) {
+        // statm's second field: resident pages.
+        if let Some(pages) = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<i64>().ok()))
+        {
+            self.process_resident_bytes.set(pages * 4096);
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.process_open_fds.set(fds.count() as i64);
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tokio_alive_tasks.set(runtime.metrics().num_alive_tasks() as i64);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

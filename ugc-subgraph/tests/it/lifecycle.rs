@@ -29,7 +29,7 @@ async fn a_bad_setting_names_the_variable_and_exits_non_zero() {
 }
 
 /// The binary serving a fresh database on a free port: (database, port, process).
-async fn serve(vars: &[(&str, &str)]) -> (TestDb, u16, tokio::process::Child) {
+pub async fn serve(vars: &[(&str, &str)]) -> (TestDb, u16, tokio::process::Child) {
     let db = TestDb::create().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new(BIN)
