@@ -383,9 +383,13 @@ impl<S: Source> Cache<S> {
     }
 
     /// Refreshes gauges before a scrape.
-    pub fn export_gauges(&self) {
+    pub async fn export_gauges(&self) {
         let m = &self.inner.metrics;
         let (l1, negative) = (&self.inner.l1, &self.inner.l1_negative);
+        // moka counts lazily, in its housekeeping: an idle instance would
+        // report what it held at its last busy moment (or 0).
+        l1.run_pending_tasks().await;
+        negative.run_pending_tasks().await;
         m.l1_bytes.set((l1.weighted_size() + negative.weighted_size()) as i64);
         m.l1_entries.set((l1.entry_count() + negative.entry_count()) as i64);
         if let Some(l2) = &self.inner.l2 {

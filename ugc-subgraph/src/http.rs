@@ -86,7 +86,7 @@ fn metrics_route() -> MethodRouter<AppState> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    state.cache.export_gauges();
+    state.cache.export_gauges().await;
     state.metrics.export_process();
     (
         StatusCode::OK,
