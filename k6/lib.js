@@ -40,3 +40,26 @@ export function jwt(secret, claims) {
   const sig = encoding.b64encode(crypto.hmac('sha256', secret, head, 'binary'), 'rawurl');
   return `${head}.${sig}`;
 }
+
+export const JSON_HEADERS = { 'content-type': 'application/json' };
+
+// A GraphQL POST; returns the parsed body (null when it is not JSON).
+export function gql(http, url, query, variables, headers = {}) {
+  const res = http.post(url, JSON.stringify({ query, variables }), { headers: { ...JSON_HEADERS, ...headers } });
+  let body = null;
+  try {
+    body = res.json();
+  } catch (_) {
+    body = null;
+  }
+  return { res, body };
+}
+
+export const token = (secret, sub, roles = []) =>
+  jwt(secret, { sub, roles, exp: Math.floor(Date.now() / 1000) + 3600 });
+
+// The federated read a client app sends through the gateway: offers from the
+// offers subgraph, ratings and a page of reviews (first: $n) from ours,
+// authors' names back from offers.
+export const FEDERATED =
+  'query Offers($first: Int!, $n: Int!) { offers(first: $first) { id title rating { average count } reviews(first: $n) { totalCount edges { node { id rating text author { id name } } } } } }';

@@ -22,10 +22,19 @@
 4. Invalidation lag: 3 instances; k6 writes at a steady rate on A while
    reading on B and C; commit → L1 eviction p50/p99 from B's and C's
    histograms.
+5. Tracing cost: the cached read path with OpenTelemetry on (default
+   sampling, exporting to an OTLP receiver run by this script) and off, in
+   alternating pairs.
+6. Reads beside writes: the same cached read load alone, then while k6
+   sends 100 createReview/s on Zipf-drawn offers (entity cache on).
+BENCH_ONLY=tracing,mixed (any of baseline, throughput, protection, limiter,
+overload, restart, lag, tracing, mixed) runs only those parts.
 Every loop is bounded; all traffic goes to 127.0.0.1.
 """
+import http.server
 import json
 import os
+import threading
 import re
 import signal
 import subprocess
@@ -47,6 +56,11 @@ SECRET = "bench-secret-0123456789abcdef"
 DURATION = int(os.environ.get("BENCH_SECONDS", "20"))
 OFFERS, USERS, REVIEWS = 10_000, 200_000, 1_000_000
 K6 = os.path.join(ROOT, ".venv", "bin", "k6")
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+
+
+def want(part):
+    return not ONLY or part in ONLY
 
 
 def sh(*args, **kw):
@@ -386,6 +400,76 @@ def baseline_vs_current(run, pairs=2):
           f"current {[round(r['rps']) for r in runs['current']]}")
 
 
+class OtlpReceiver(http.server.BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and discards them, counting bytes."""
+    received = {"requests": 0, "bytes": 0}
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        n = int(self.headers.get("content-length", 0))
+        self.rfile.read(n)
+        OtlpReceiver.received["requests"] += 1
+        OtlpReceiver.received["bytes"] += n
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_):
+        pass
+
+
+def tracing_cost(pairs=3, seconds=10):
+    """Cache on, protection on: traces off, and on with the default sampling
+    (parentbased_traceidratio 0.1; wrk sends no traceparent), alternately."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 4151), OtlpReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = {"off": [], "on": []}
+    try:
+        for i in range(pairs):
+            for mode in ("off", "on"):
+                env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4151", "OTEL_BSP_SCHEDULE_DELAY": "1000"} \
+                    if mode == "on" else {}
+                inst = Instance(4152, f"bench-otel-{mode}-{i}-{int(time.time())}", **PROTECTION["on"], **env)
+                try:
+                    wrk(4152, 4)
+                    out[mode].append(measured(inst, seconds))
+                finally:
+                    inst.stop()
+    finally:
+        server.shutdown()
+    return out, dict(OtlpReceiver.received)
+
+
+def reads_beside_writes(seconds, writes_per_sec=100):
+    """The cached read load alone, then with k6 writing beside it (one instance)."""
+    prefix = f"bench-mixed-{int(time.time())}"
+    inst = Instance(4161, prefix, **PROTECTION["on"])
+    summary = os.path.join(tempfile.gettempdir(), f"ugc-bench-mixed-{os.getpid()}.json")
+    try:
+        wrk(4161, 5)
+        alone = measured(inst, seconds)
+        before = scrape(4161)
+        writer = subprocess.Popen([K6, "run", "--quiet", f"--summary-export={summary}", "-e", f"URL={inst.url}",
+                                   "-e", f"SECRET={SECRET}", "-e", f"RATE={writes_per_sec}", "-e", f"DURATION={seconds + 2}s",
+                                   "-e", f"RUN={prefix}", os.path.join(ROOT, "k6", "write_rate.js")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1)
+        mixed = measured(inst, seconds)
+        k6_out = writer.communicate(timeout=seconds + 60)[0]
+        after = scrape(4161)
+        with open(summary) as f:
+            metrics = json.load(f)["metrics"]
+    finally:
+        inst.stop()
+        if os.path.exists(summary):
+            os.remove(summary)
+    ent = [delta(before, after, "ugc_cache_requests_total", 'layer="entity"', f'result="{r}"') for r in ("hit", "miss")]
+    return {"alone": alone, "mixed": mixed, "writes": metrics["iterations"]["count"],
+            "write_p50_ms": metrics["http_req_duration"]["p(50)"], "write_p99_ms": metrics["http_req_duration"]["p(99)"],
+            "entity_hit": rate(ent[0], ent[1]), "k6_ok": writer.returncode == 0, "k6_tail": k6_out[-1500:]}
+
+
 def main():
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
@@ -396,8 +480,60 @@ def main():
         print(sh(BIN, "seed", "--offers", str(OFFERS), "--users", str(USERS), "--reviews", str(REVIEWS), "--seed", "42",
                  env=dict(os.environ, DATABASE_URL=DB_URL, RUST_LOG="error")).strip())
     run = int(time.time())
-    if BASELINE_BIN:
+    if BASELINE_BIN and want("baseline"):
         baseline_vs_current(run)
+    if want("throughput"):
+        throughput_table(run)
+    if want("protection"):
+        protection_table()
+    if want("limiter"):
+        limiter_table()
+    if want("overload"):
+        overload_table()
+    if want("restart"):
+        restart_table(run)
+    if want("lag"):
+        lag_table()
+    if want("tracing"):
+        tracing_table()
+    if want("mixed"):
+        mixed_table()
+    return 0
+
+
+def tracing_table():
+    runs, received = tracing_cost()
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    on, off = mean(runs["on"], "rps"), mean(runs["off"], "rps")
+    print(f"\nTracing (OpenTelemetry, OTLP/HTTP to a local receiver, default sampling: parentbased_traceidratio 0.1), "
+          f"cache on, {len(runs['on'])} alternating pairs of 10 s:\n")
+    print("| traces | req/s | p50 ms | p95 ms | p99 ms | server CPU µs/req | runs |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for mode in ("off", "on"):
+        rs = runs[mode]
+        print(f"| {mode} | {mean(rs, 'rps'):,.0f} | {mean(rs, 'p50_ms'):.2f} | {mean(rs, 'p95_ms'):.2f} | "
+              f"{mean(rs, 'p99_ms'):.2f} | {mean(rs, 'cpu_us_per_req'):.1f} | {[round(r['rps']) for r in rs]} |")
+    print(f"\ntraces on/off throughput: {on / off:.1%}; exported {received['requests']} OTLP requests, "
+          f"{received['bytes'] / 1e6:.1f} MB")
+
+
+def mixed_table():
+    m = reads_beside_writes(DURATION)
+    a, b = m["alone"], m["mixed"]
+    print(f"\nReads beside writes (one instance, cache on; wrk as above for {DURATION} s; k6 createReview on Zipf-drawn "
+          f"offers at 100/s beside it):\n")
+    print("| load | read req/s | p50 ms | p95 ms | p99 ms | server CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in (("reads only", a), ("reads + 100 writes/s", b)):
+        print(f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us_per_req']:.1f} |")
+    print(f"\nwith writes: {b['rps'] / a['rps']:.1%} of the read-only throughput, p99 {b['p99_ms'] / a['p99_ms']:.1f}×; "
+          f"{m['writes']} writes (p50 {m['write_p50_ms']:.1f} ms, p99 {m['write_p99_ms']:.1f} ms), entity hit rate "
+          f"{m['entity_hit']:.1%} during the mixed run; k6 {'passed' if m['k6_ok'] else 'FAILED'}")
+    if not m["k6_ok"]:
+        print(m["k6_tail"])
+
+
+def throughput_table(run):
     rows = [throughput("on", 4101, f"bench-{run}"), throughput("on", 4105, f"bench-unprot-{run}", protection="off"),
             throughput("off", 4102, f"bench-off-{run}")]
     on, unprotected, off = rows
@@ -417,6 +553,9 @@ def main():
           f"({on['rps']:,.0f} vs {unprotected['rps']:,.0f} req/s; p99 {on['p99_ms']:.2f} vs {unprotected['p99_ms']:.2f} ms); "
           f"requests refused: {on['rate_limited']:.0f}")
 
+
+
+def protection_table():
     ab = protection_pairs()
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     on_rps, off_rps = mean(ab["on"], "rps"), mean(ab["off"], "rps")
@@ -427,11 +566,17 @@ def main():
           f"server CPU per request {on_cpu:.1f} vs {off_cpu:.1f} µs ({on_cpu / off_cpu - 1:+.1%}), "
           f"runs on {[round(r['cpu_us_per_req'], 1) for r in ab['on']]}, off {[round(r['cpu_us_per_req'], 1) for r in ab['off']]}")
 
+
+
+def limiter_table():
     acc = limiter_accuracy()
     print(f"\nRate limiter across two instances (one client alternating, quota {acc['per_sec']}/s, burst {acc['per_sec']}, "
           f"{acc['seconds']:.1f} s): {acc['ok']:,} admitted of {acc['sent']:,} sent ({acc['limited']:,} refused with 429, "
           f"{acc['other']} other); one budget allows {acc['expected']:,.0f}: error {acc['error']:+.1%}")
 
+
+
+def overload_table():
     print("\nOverload: 8 s at 16 connections, 8 s at 512, 8 s at 16 again; UGC_MAX_CONCURRENT_REQUESTS=32 "
           "(server-side latency of admitted requests from ugc_graphql_request_seconds):\n")
     print("| cache | phase | connections | req/s | client p99 ms | shed (503) | admitted server p50 ms | admitted server p99 ms |")
@@ -443,6 +588,9 @@ def main():
             print(f"| {cache} | {name} | {conns} | {r['rps']:,.0f} | {r['p99_ms']:.2f} | {r['shed']:,.0f} | "
                   f"{fmt(r['server_p50_ms'])} | {fmt(r['server_p99_ms'])} |")
 
+
+
+def restart_table(run):
     warm = recovery(4103, f"bench-warm-{run}", "restart after 12 s of load, same prefix (hot keys warmed, L2 kept)", True)
     cold = recovery(4104, f"bench-cold-{run}", "first start, fresh prefix (nothing to warm, empty L2)", False)
     print("\nRestart under the same load, entity cache off (L1 hit rate per 0.5 s interval):\n")
@@ -452,6 +600,9 @@ def main():
         s = "not within 28 s" if r["seconds_to_80pct"] is None else f"{r['seconds_to_80pct']:.1f}"
         print(f"| {r['label']} | {r['warmed_keys']:.0f} | {s} |")
 
+
+
+def lag_table():
     print(f"\nWrites and invalidation lag (k6: 20 writes/s on A for {DURATION}s, reads on B and C); lag is commit → "
           "L1 eviction on B and C; write latency as k6 saw it:\n")
     print("| UGC_WRITE_VISIBILITY_TIMEOUT_MS | write p50 ms | write p99 ms | waits | time-outs | lag p50 ms | lag p99 ms | k6 |")
@@ -463,7 +614,6 @@ def main():
               f"{'passed' if lag['k6_ok'] else 'FAILED'} |")
         if not lag["k6_ok"]:
             print(lag["k6_tail"])
-    return 0
 
 
 if __name__ == "__main__":

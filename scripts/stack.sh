@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # The docker-compose topology from native processes on this machine:
-# Postgres and Redis (the machine's), two ugc-subgraph instances of one
-# deployment, the offers subgraph, the Apollo gateway in front of both
-# instances, and a real Prometheus (Debian's) scraping both.
+# Postgres (the machine's, its own database), a Redis of its own (so that
+# an outage drill never touches the machine's), two ugc-subgraph instances
+# of one deployment, the offers subgraph, the Apollo gateway in front of
+# both instances, and a real Prometheus (Debian's) scraping both.
 #
 #   scripts/stack.sh up     start everything in the background, print the URLs
 #   scripts/stack.sh down   stop everything started by `up`
 #   scripts/stack.sh run    up, then wait; Ctrl-C stops it all (make stack)
 #   scripts/stack.sh check  up, traffic through the gateway, Prometheus must
 #                           have scraped both instances, down (make stack-check)
+#   scripts/stack.sh redis-outage SECONDS
+#                           stop the stack's Redis a third into SECONDS, start
+#                           it again at two thirds (the redis_outage k6 run)
 #
 # BIN (default target/release/ugc-subgraph) is the binary to run; state and
 # logs live in .stack/. Ports: gateway 4000, instances 4001 and 4011, offers
-# 4002, Prometheus 9090 (STACK_PROMETHEUS_PORT).
+# 4002, Redis 6380 (STACK_REDIS_PORT), Prometheus 9090 (STACK_PROMETHEUS_PORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${BIN:-target/release/ugc-subgraph}
 DIR=.stack
 DB_URL=${STACK_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ugc_stack}
-REDIS=${REDIS_URL:-redis://127.0.0.1:6379}
+REDIS_PORT=${STACK_REDIS_PORT:-6380}
+REDIS=redis://127.0.0.1:$REDIS_PORT
 PROM_PORT=${STACK_PROMETHEUS_PORT:-9090}
 SECRET=${UGC_JWT_SECRET:-dev-only-secret-change-me-0123456789}
 PORTS=(4001 4011)
@@ -37,11 +42,12 @@ start() { # name, command...
 
 up() {
   mkdir -p "$DIR"
-  for port in 4000 4002 "${PORTS[@]}" "$PROM_PORT"; do
+  for port in 4000 4002 "${PORTS[@]}" "$PROM_PORT" "$REDIS_PORT"; do
     if port_open "$port"; then echo "stack: port $port is taken (scripts/stack.sh down?)" >&2; exit 1; fi
   done
   command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; }
   scripts/ensure-services.sh
+  redis_start
   local admin=${DB_URL%/*}/postgres name=${DB_URL##*/}
   psql "$admin" -Atc "SELECT 1 FROM pg_database WHERE datname = '$name'" | grep -q 1 || psql "$admin" -qc "CREATE DATABASE \"$name\""
   DATABASE_URL=$DB_URL "$BIN" migrate >/dev/null
@@ -72,9 +78,26 @@ stack up:
   gateway     http://127.0.0.1:4000/
   ugc-1/2     http://127.0.0.1:4001/graphql  http://127.0.0.1:4011/graphql
   offers      http://127.0.0.1:4002/graphql
+  redis       redis://127.0.0.1:$REDIS_PORT (the stack's own)
   prometheus  http://127.0.0.1:$PROM_PORT/   (alerts: /alerts)
   logs        $DIR/*.log
 INFO
+}
+
+redis_start() {
+  start redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+  for _ in $(seq 1 40); do port_open "$REDIS_PORT" && return 0; sleep 0.25; done
+  echo "stack: redis did not start on $REDIS_PORT" >&2; return 1
+}
+
+redis_outage() { # seconds
+  local third=$(( $1 / 3 ))
+  sleep "$third"
+  echo "stack: stopping Redis ($REDIS_PORT) for ${third}s"
+  kill "$(cat "$DIR/redis.pid")"
+  sleep "$third"
+  redis_start
+  echo "stack: Redis is back"
 }
 
 down() {
@@ -129,5 +152,6 @@ case "${1:-}" in
   down) down ;;
   run) trap down EXIT INT TERM; up; echo "Ctrl-C stops the stack"; while true; do sleep 3600; done ;;
   check) check ;;
+  redis-outage) redis_outage "${2:-30}" ;;
   *) echo "usage: scripts/stack.sh up|down|run|check" >&2; exit 2 ;;
 esac
