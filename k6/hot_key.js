@@ -4,6 +4,7 @@
 //   make k6 SCENARIO=hot_key              (URL=http://127.0.0.1:4001/graphql)
 import http from 'k6/http';
 import { check } from 'k6';
+import { clientHeaders } from './lib.js';
 
 const URL = __ENV.URL || 'http://127.0.0.1:4001/graphql';
 const OFFER = __ENV.OFFER || 'offer-000001';
@@ -18,6 +19,6 @@ export const options = {
 };
 
 export default function () {
-  const res = http.post(URL, BODY, { headers: { 'content-type': 'application/json' } });
+  const res = http.post(URL, BODY, { headers: { 'content-type': 'application/json', ...clientHeaders() } });
   check(res, { 'no errors': (r) => r.status === 200 && !r.json('errors') });
 }

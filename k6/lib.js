@@ -43,9 +43,21 @@ export function jwt(secret, claims) {
 
 export const JSON_HEADERS = { 'content-type': 'application/json' };
 
+// Load from many clients, as a public API gets it: the stack trusts
+// 127.0.0.1 as a proxy, so each request names one of CLIENTS addresses in
+// X-Forwarded-For and the per-client rate limits apply per address (one
+// k6 process would otherwise be a single client, limited to 200 reads/s).
+const CLIENTS = Number(__ENV.CLIENTS || 1000);
+export function clientHeaders() {
+  const n = (__VU * 7919 + __ITER) % CLIENTS;
+  return { 'x-forwarded-for': `10.${(n >> 8) & 255}.${n & 255}.1` };
+}
+
 // A GraphQL POST; returns the parsed body (null when it is not JSON).
 export function gql(http, url, query, variables, headers = {}) {
-  const res = http.post(url, JSON.stringify({ query, variables }), { headers: { ...JSON_HEADERS, ...headers } });
+  const res = http.post(url, JSON.stringify({ query, variables }), {
+    headers: { ...JSON_HEADERS, ...clientHeaders(), ...headers },
+  });
   let body = null;
   try {
     body = res.json();

@@ -12,6 +12,7 @@ const URL = __ENV.URL || 'http://127.0.0.1:4000/';
 const SECRET = __ENV.SECRET || 'dev-only-secret-change-me-0123456789';
 const RUN = __ENV.RUN || String(Date.now());
 const staleAfterWrite = new Counter('read_your_write_violations');
+const checkedAfterWrite = new Counter('read_your_write_checks');
 const writeMs = new Trend('write_ms', true);
 
 export const options = {
@@ -47,6 +48,7 @@ function write() {
   // Acknowledged: every instance must show it now.
   const read = gql(http, URL, 'query($id: ID!) { review(id: $id) { text } }', { id: mine });
   const seen = read.body && read.body.data && read.body.data.review ? read.body.data.review.text : null;
+  checkedAfterWrite.add(1);
   if (seen !== text) staleAfterWrite.add(1);
   check(read.res, { 'read after write ok': () => read.res.status === 200 && read.body && !read.body.errors });
 }

@@ -247,7 +247,7 @@ impl<S: Source> Cache<S> {
     /// # Errors
     /// The source failed for a key no stale value can stand in for.
     pub async fn load(&self, keys: &[CacheKey]) -> Result<HashMap<CacheKey, CachedValue>, S::Error> {
-        let span = tracing::debug_span!(
+        let span = crate::child_span!(
             "cache.l1",
             keys = keys.len(),
             hits = tracing::field::Empty,
@@ -492,7 +492,7 @@ impl<S: Source> Inner<S> {
             l2_tokens = take_watermark(l2.tokens(&with_watermark(keys)).await);
         } else if let Some(l2) = &self.l2 {
             let entry_keys: Vec<String> = keys.iter().map(|k| k.redis_key(prefix)).collect();
-            let span = tracing::debug_span!(
+            let span = crate::child_span!(
                 "cache.l2",
                 keys = keys.len(),
                 hits = tracing::field::Empty,
@@ -571,7 +571,7 @@ impl<S: Source> Inner<S> {
         let loaded = self
             .source
             .load(db_keys.clone())
-            .instrument(tracing::debug_span!("cache.source", keys = db_keys.len()))
+            .instrument(crate::child_span!("cache.source", keys = db_keys.len()))
             .await;
         let load_time = started.elapsed();
         self.metrics.cache_layer_seconds.get_or_create(&[("layer", "db")]).observe(load_time.as_secs_f64());

@@ -198,7 +198,7 @@ impl Loader<CacheKey> for Batches {
     type Error = LoadError;
 
     async fn load(&self, keys: &[CacheKey]) -> Result<HashMap<CacheKey, CachedValue>, LoadError> {
-        let span = tracing::debug_span!("dataloader.batch", kind = "cache", size = keys.len());
+        let span = crate::child_span!("dataloader.batch", kind = "cache", size = keys.len());
         self.cache.load(keys).instrument(span).await
     }
 }
@@ -217,7 +217,7 @@ impl Loader<PrivateReviewKey> for PrivateReviews {
 
     async fn load(&self, keys: &[PrivateReviewKey]) -> Result<HashMap<PrivateReviewKey, Arc<Review>>, LoadError> {
         let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
-        let span = tracing::debug_span!("dataloader.batch", kind = "private_review", size = ids.len());
+        let span = crate::child_span!("dataloader.batch", kind = "private_review", size = ids.len());
         let found = self.store.reviews_by_ids(&ids).instrument(span).await?;
         Ok(found.into_iter().map(|r| (PrivateReviewKey(r.id), Arc::new(r))).collect())
     }

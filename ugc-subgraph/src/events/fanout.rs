@@ -85,7 +85,7 @@ fn lost(events: &Events, why: &'static str) {
 }
 
 fn apply(events: &Events, payload: &str) {
-    let span = tracing::debug_span!("invalidation.fanout", event = tracing::field::Empty, tags = tracing::field::Empty);
+    let span = crate::work_span!("invalidation.fanout", event = tracing::field::Empty, tags = tracing::field::Empty);
     let _entered = span.enter();
     let Ok(note) = serde_json::from_str::<Invalidation>(payload) else {
         tracing::error!("unreadable invalidation; dropping L1 to stay correct");

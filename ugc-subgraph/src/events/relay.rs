@@ -163,7 +163,7 @@ impl Events {
             tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
             return Ok(0);
         }
-        let span = tracing::debug_span!("outbox.relay", events = events.len(), tags = tracing::field::Empty);
+        let span = crate::work_span!("outbox.relay", events = events.len(), tags = tracing::field::Empty);
         self.apply_claimed(tx, events, position, &span).instrument(span.clone()).await
     }
 

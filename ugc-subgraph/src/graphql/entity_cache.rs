@@ -173,7 +173,7 @@ impl EntityCache {
             keys.push(representation(rep, known.serial)?);
         }
 
-        let span = tracing::debug_span!(
+        let span = crate::child_span!(
             "entity_cache",
             entities = keys.len(),
             hits = tracing::field::Empty,

@@ -98,7 +98,7 @@ pub async fn execute(
         }
     }
     let operation = if admitted.mutation { "mutation" } else { "query" };
-    let span = tracing::debug_span!(
+    let span = crate::child_span!(
         "graphql.operation",
         otel.name = %format_args!("{operation} {}", operation_name(&batch)),
         graphql.operation.type = operation,

@@ -35,16 +35,17 @@ fn status_class(status: u16) -> &'static str {
 
 pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = route(request.uri().path());
-    let span = tracing::debug_span!(
-        "http.request",
-        otel.name = %format_args!("{} {route}", request.method()),
-        otel.kind = "server",
-        http.request.method = %request.method(),
-        http.route = route,
-        http.response.status_code = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
-    traces::continue_trace(&span, request.headers());
+    let span = traces::request_span(request.headers(), || {
+        tracing::debug_span!(
+            "http.request",
+            otel.name = %format_args!("{} {route}", request.method()),
+            otel.kind = "server",
+            http.request.method = %request.method(),
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    });
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     state.metrics.http_responses.get_or_create(&[("route", route), ("status", status_class(status))]).inc();
