@@ -13,7 +13,9 @@
 //!   drains in-flight requests.
 //! - [`http`]: [`http::state::AppState`] (everything the service runs on, built once and shared by all
 //!   requests), routes and the protection stack's tower layers ([`http::layers`]: client address,
-//!   rate limits, load shedding); bearer-token auth ([`http::auth`]); trusted proxies ([`http::client`]).
+//!   rate limits, load shedding); bearer-token auth ([`http::auth`]); trusted proxies ([`http::client`]);
+//!   the request span and responses by status (`http/observe.rs`); what answers tell a cache in front
+//!   (`http/cache_control.rs`: `Cache-Control`, Apollo Router cache tags).
 //! - [`ratelimit`]: the quotas, per instance (governor) and shared by all instances (GCRA in Redis,
 //!   spent locally in chunks).
 //! - [`graphql`]: the schema (contract + federation entities); resolvers only call loaders and the store;
@@ -30,10 +32,11 @@
 //!   the live-instance registry, seeding.
 //! - [`domain`]: entities, validation rules, permissions, cursors (pure code).
 //! - [`events`]: entity-change events, the cascade rule, the outbox relay, the LISTEN/NOTIFY fan-out,
-//!   write visibility ([`events::visibility`]: heartbeats, acknowledgements, ticks), and events from
-//!   other subgraphs.
+//!   write visibility ([`events::visibility`]: heartbeats, acknowledgements, ticks), events from
+//!   other subgraphs, and the forwarder of invalidations to a router in front ([`events::router`]).
 //! - [`error`]: the error catalogue, mapped once to GraphQL codes and HTTP statuses.
-//! - [`telemetry`]: logging set-up and the metrics registry.
+//! - [`telemetry`]: logging set-up, OpenTelemetry traces ([`telemetry::traces`]: sampling, W3C trace
+//!   context) and the metrics registry ([`telemetry::metrics`]).
 
 pub mod cache;
 pub mod cli;
