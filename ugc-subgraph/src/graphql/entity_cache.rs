@@ -10,13 +10,19 @@
 //! of them are current. Any event that invalidates the data invalidates the
 //! fragment (same stripes, same fan-out, same fencing).
 //!
-//! Only `Offer` and `User` entities: nothing under them depends on who asks
-//! (lists hold published reviews only). `Review` entities do (a pending review
-//! is visible to its author) and are never cached here. A query qualifies
-//! when its only root field is an unaliased `_entities` whose
-//! `representations` is the operation's only variable, selecting inline
-//! fragments on `Offer`/`User` (and `__typename`): then the rendering is a
-//! function of the query text and the representation alone.
+//! `Offer` and `User` entities: nothing under them depends on who asks
+//! (lists hold published reviews only). `Review` entities too, but a
+//! rendering that looked past the public cache (the review is not public:
+//! its author or a moderator would see it) is never kept, and its answer is
+//! `private` (`loaders::Loaders::depends_on_viewer`). A query qualifies when
+//! its only root field is an unaliased `_entities` whose `representations`
+//! is one of the operation's variables, selecting inline fragments or named
+//! fragments on those types (and `__typename`). Other variables (a gateway
+//! passes `reviews(first: $n)` or `@include(if: $flag)` through) are part of
+//! the fragment's key by their canonical values, defaults applied: the
+//! rendering is then a function of the query text, those values and the
+//! representation alone. Operation names and aliases below the root are
+//! just part of the text.
 //!
 //! It never changes an answer: misses are rendered by normal execution
 //! (their keys loaded first, all together, then one entity each from L1),
@@ -56,6 +62,9 @@ struct FragmentKey {
     /// life, so fragments of two texts can never meet, not even when one
     /// text's shape was evicted and another with the same hash took its place.
     query: u64,
+    /// The canonical JSON of the values of the operation's other variables,
+    /// in definition order (empty when it has none).
+    vars: Arc<str>,
     typename: &'static str,
     id: String,
 }
@@ -66,6 +75,8 @@ struct Fragment {
     expires: Instant,
     /// The entity's cache tags for a router in front, as a JSON array.
     tags: Box<str>,
+    /// The rendering depended on the viewer: this request's answer only.
+    private: bool,
 }
 
 /// An answer from rendered fragments: the body, and how long it stays
@@ -75,12 +86,16 @@ pub struct Served {
     pub fresh_for: Duration,
     /// Some entity failed: the body carries errors, nothing may keep it.
     pub failed: bool,
+    /// Some entity's rendering depended on the viewer.
+    pub private: bool,
 }
 
 /// The variable that carries the representations, when the query
 /// qualifies, and the parsed document (parsed once for all renders).
 struct Shape {
     variable: Name,
+    /// The operation's other variables, with their defaults.
+    extra: Vec<(Name, Option<GqlValue>)>,
     document: ExecutableDocument,
 }
 
@@ -168,9 +183,10 @@ impl EntityCache {
         let known = self.shape(&request.query, request.operation_name.as_deref())?;
         let shape = known.shape.as_ref()?;
         let GqlValue::List(reps) = request.variables.get(&shape.variable)? else { return None };
+        let vars: Arc<str> = if shape.extra.is_empty() { Arc::from("") } else { extra_values(shape, request)?.into() };
         let mut keys = Vec::with_capacity(reps.len());
         for rep in reps {
-            keys.push(representation(rep, known.serial)?);
+            keys.push(representation(rep, known.serial, &vars)?);
         }
 
         let span = crate::child_span!(
@@ -201,7 +217,9 @@ impl EntityCache {
                         // meanwhile (or that read values already past their
                         // freshness) is still this request's answer, but is
                         // not kept.
-                        if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
+                        if fragment.private {
+                            // Not shareable, and not a refused fill either.
+                        } else if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
                             self.fragments.insert(keys[i].clone(), Arc::clone(&fragment));
                         } else {
                             self.metrics.fills_refused.get_or_create(&[("layer", "entity")]).inc();
@@ -216,7 +234,7 @@ impl EntityCache {
                 // time-out).
                 Rendered::Failed(response) => {
                     let body = assemble(&parts, &missing, response)?;
-                    return Some(Served { body, fresh_for: Duration::ZERO, failed: true });
+                    return Some(Served { body, fresh_for: Duration::ZERO, failed: true, private: false });
                 }
                 Rendered::Unusual => return None,
             }
@@ -227,12 +245,14 @@ impl EntityCache {
         let mut body = String::with_capacity(size);
         body.push_str(r#"{"data":{"_entities":["#);
         let mut expires = None::<Instant>;
+        let mut private = false;
         for (n, part) in parts.iter().enumerate() {
             if n > 0 {
                 body.push(',');
             }
             let part = part.as_ref()?;
             expires = Some(expires.map_or(part.expires, |e| e.min(part.expires)));
+            private |= part.private;
             body.push_str(&part.json);
         }
         body.push_str("]}");
@@ -248,7 +268,7 @@ impl EntityCache {
         }
         body.push('}');
         let fresh_for = expires.map_or(Duration::ZERO, |e| e.saturating_duration_since(Instant::now()));
-        Some(Served { body, fresh_for, failed: false })
+        Some(Served { body, fresh_for, failed: false, private })
     }
 
     /// Renders the missing entities, one fragment each with its own
@@ -327,7 +347,8 @@ impl EntityCache {
             // value it read stops being fresh, and never past the TTL.
             let expires = deps.fresh_until.map_or(rendered_at, |t| t.min(rendered_at + ttl));
             let tags = router_tags(&deps.tags);
-            fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires, tags }));
+            let private = deps.private;
+            fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires, tags, private }));
         }
         match failed {
             Some(response) => Rendered::Failed(response),
@@ -366,10 +387,15 @@ fn sub_request(
     auth: &RequestAuth,
     reps: impl IntoIterator<Item = GqlValue>,
 ) -> async_graphql::Request {
+    let mut variables: async_graphql::indexmap::IndexMap<Name, GqlValue> =
+        [(shape.variable.clone(), GqlValue::List(reps.into_iter().collect()))].into_iter().collect();
+    for (name, _) in &shape.extra {
+        if let Some(value) = request.variables.get(name) {
+            variables.insert(name.clone(), value.clone());
+        }
+    }
     let mut sub = async_graphql::Request::new(request.query.clone())
-        .variables(Variables::from_value(GqlValue::Object(
-            [(shape.variable.clone(), GqlValue::List(reps.into_iter().collect()))].into_iter().collect(),
-        )))
+        .variables(Variables::from_value(GqlValue::Object(variables)))
         .data(auth.clone());
     if let Some(name) = &request.operation_name {
         sub = sub.operation_name(name.clone());
@@ -428,19 +454,31 @@ fn assemble(parts: &[Option<Arc<Fragment>>], missing: &[usize], failed: async_gr
     serde_json::to_string(&response).ok()
 }
 
-/// `{ "__typename": "Offer" | "User", "id": "…" }` and nothing else.
-fn representation(rep: &GqlValue, query: u64) -> Option<FragmentKey> {
+/// The entity types the cache renders.
+const TYPES: [&str; 3] = ["Offer", "User", "Review"];
+
+/// `{ "__typename": "Offer" | "User" | "Review", "id": "…" }` and nothing else.
+fn representation(rep: &GqlValue, query: u64, vars: &Arc<str>) -> Option<FragmentKey> {
     let GqlValue::Object(fields) = rep else { return None };
     if fields.len() != 2 {
         return None;
     }
-    let typename = match fields.get("__typename")? {
-        GqlValue::String(t) if t == "Offer" => "Offer",
-        GqlValue::String(t) if t == "User" => "User",
-        _ => return None,
-    };
+    let GqlValue::String(t) = fields.get("__typename")? else { return None };
+    let typename = TYPES.into_iter().find(|known| known == t)?;
     let GqlValue::String(id) = fields.get("id")? else { return None };
-    Some(FragmentKey { query, typename, id: id.clone() })
+    Some(FragmentKey { query, vars: Arc::clone(vars), typename, id: id.clone() })
+}
+
+/// The canonical values of the shape's other variables: as sent, else the
+/// default, else null (absent and null render alike), as one JSON text.
+/// `None` when a value cannot be written (then the request executes normally).
+fn extra_values(shape: &Shape, request: &async_graphql::Request) -> Option<String> {
+    let values: Vec<&GqlValue> = shape
+        .extra
+        .iter()
+        .map(|(name, default)| request.variables.get(name).or(default.as_ref()).unwrap_or(&GqlValue::Null))
+        .collect();
+    serde_json::to_string(&values).ok()
 }
 
 /// Does the query qualify (see the module doc)? Returns its variable.
@@ -449,12 +487,14 @@ fn qualify(query: &str, operation: Option<&str>) -> Option<Shape> {
     let op = match (&doc.operations, operation) {
         (DocumentOperations::Single(op), _) => &op.node,
         (DocumentOperations::Multiple(ops), Some(name)) => &ops.get(name)?.node,
+        // One named operation, sent without `operationName` (the parser
+        // files every named operation under Multiple).
+        (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => &ops.values().next()?.node,
         (DocumentOperations::Multiple(_), None) => return None,
     };
-    if op.ty != OperationType::Query || op.variable_definitions.len() != 1 || !op.directives.is_empty() {
+    if op.ty != OperationType::Query || !op.directives.is_empty() {
         return None;
     }
-    let variable = op.variable_definitions[0].node.name.node.clone();
     let [Selection::Field(root)] = op.selection_set.node.items.iter().map(|s| &s.node).collect::<Vec<_>>()[..] else {
         return None;
     };
@@ -464,18 +504,39 @@ fn qualify(query: &str, operation: Option<&str>) -> Option<Shape> {
         return None;
     }
     let (arg, value) = &root.arguments[0];
-    match &value.node {
-        async_graphql_value::Value::Variable(v) if arg.node == "representations" && *v == variable => {}
+    let variable = match &value.node {
+        async_graphql_value::Value::Variable(v) if arg.node == "representations" => v.clone(),
         _ => return None,
+    };
+    let mut extra = Vec::new();
+    let mut defines_representations = false;
+    for definition in &op.variable_definitions {
+        let definition = &definition.node;
+        if definition.name.node == variable {
+            defines_representations = true;
+        } else {
+            let default = definition.default_value.as_ref().map(|d| d.node.clone());
+            extra.push((definition.name.node.clone(), default));
+        }
     }
+    let on_known_type = |on: &Name| TYPES.contains(&on.as_str());
     let allowed = root.selection_set.node.items.iter().all(|s| match &s.node {
         Selection::InlineFragment(f) => {
-            f.node.type_condition.as_ref().is_some_and(|t| t.node.on.node == "Offer" || t.node.on.node == "User")
+            f.node.type_condition.as_ref().is_some_and(|t| on_known_type(&t.node.on.node))
+                && f.node.directives.is_empty()
         }
-        Selection::Field(f) => f.node.name.node == "__typename" && f.node.alias.is_none(),
-        Selection::FragmentSpread(_) => false,
+        Selection::Field(f) => {
+            f.node.name.node == "__typename" && f.node.alias.is_none() && f.node.directives.is_empty()
+        }
+        Selection::FragmentSpread(spread) => {
+            spread.node.directives.is_empty()
+                && doc
+                    .fragments
+                    .get(&spread.node.fragment_name.node)
+                    .is_some_and(|f| on_known_type(&f.node.type_condition.node.on.node))
+        }
     });
-    allowed.then(|| Shape { variable, document: doc })
+    (allowed && defines_representations).then(|| Shape { variable, extra, document: doc })
 }
 
 #[cfg(test)]
@@ -486,12 +547,28 @@ mod tests {
     fn only_gateway_shaped_entity_queries_on_viewer_independent_types_qualify() {
         let ok = "query($representations: [_Any!]!) { _entities(representations: $representations) { __typename ... on Offer { id rating { count } } ... on User { reviewCount } } }";
         assert!(qualify(ok, None).is_some());
+        for ok in [
+            "query Offers__ugc__1($r: [_Any!]!, $n: Int = 5, $withText: Boolean!) { _entities(representations: $r) { ... on Offer { reviews(first: $n) { edges { node { id text @include(if: $withText) } } } } } }",
+            "query($r: [_Any!]!) { _entities(representations: $r) { ...O ... on Review { id text } } } fragment O on Offer { id top: reviews(first: 1) { totalCount } }",
+        ] {
+            assert!(qualify(ok, None).is_some(), "{ok}");
+        }
+        let shape = qualify(
+            "query($n: Int = 5, $r: [_Any!]!, $f: Boolean) { _entities(representations: $r) { ... on Offer { id } } }",
+            None,
+        )
+        .unwrap();
+        assert_eq!(shape.variable.as_str(), "r");
+        let extra: Vec<(&str, Option<String>)> =
+            shape.extra.iter().map(|(n, d)| (n.as_str(), d.as_ref().map(ToString::to_string))).collect();
+        assert_eq!(extra, [("n", Some("5".to_owned())), ("f", None)]);
         for bad in [
-            "query($r: [_Any!]!) { _entities(representations: $r) { ... on Review { id text } } }",
-            "query($r: [_Any!]!, $n: Int) { _entities(representations: $r) { ... on Offer { reviews(first: $n) { totalCount } } } }",
             "query($r: [_Any!]!) { e: _entities(representations: $r) { ... on Offer { id } } }",
             "query($r: [_Any!]!) { _entities(representations: $r) { ... on Offer { id } } offer(id: \"x\") { id } }",
-            "query($r: [_Any!]!) { _entities(representations: $r) { ...F } } fragment F on Offer { id }",
+            "query($r: [_Any!]!) { _entities(representations: $r) { ...F } } fragment F on Query { __typename }",
+            "query($r: [_Any!]!) { _entities(representations: $r) { ... on Offer @skip(if: true) { id } } }",
+            "query($r: [_Any!]!) @cached { _entities(representations: $r) { ... on Offer { id } } }",
+            "query { _entities(representations: [{ __typename: \"Offer\", id: \"x\" }]) { ... on Offer { id } } }",
             "mutation($r: [_Any!]!) { _entities(representations: $r) { ... on Offer { id } } }",
             "{ offer(id: \"x\") { id } }",
             "not graphql",
@@ -520,9 +597,12 @@ mod tests {
     #[test]
     fn representations_must_be_plain_keys() {
         let rep = |v: serde_json::Value| GqlValue::from_json(v).unwrap();
-        assert!(representation(&rep(serde_json::json!({"__typename": "Offer", "id": "o1"})), 1).is_some());
-        assert!(representation(&rep(serde_json::json!({"__typename": "Review", "id": "1"})), 1).is_none());
-        assert!(representation(&rep(serde_json::json!({"__typename": "Offer", "id": "o1", "x": 1})), 1).is_none());
-        assert!(representation(&rep(serde_json::json!({"__typename": "Offer", "id": 5})), 1).is_none());
+        let vars: Arc<str> = Arc::from("");
+        let key = |v| representation(&rep(v), 1, &vars);
+        assert!(key(serde_json::json!({"__typename": "Offer", "id": "o1"})).is_some());
+        assert!(key(serde_json::json!({"__typename": "Review", "id": "1"})).is_some());
+        assert!(key(serde_json::json!({"__typename": "Product", "id": "1"})).is_none());
+        assert!(key(serde_json::json!({"__typename": "Offer", "id": "o1", "x": 1})).is_none());
+        assert!(key(serde_json::json!({"__typename": "Offer", "id": 5})).is_none());
     }
 }

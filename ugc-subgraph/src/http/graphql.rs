@@ -143,8 +143,11 @@ async fn run(
                 drop(in_flight);
                 observe(&state, operation, name, if served.failed { "error" } else { "ok" }, started);
                 let mut response = raw_json_response(format, served.body);
-                let hint =
-                    if served.failed { cache_control::NO_STORE } else { cache_control::public(served.fresh_for) };
+                let hint = match (served.failed, served.private) {
+                    (true, _) => cache_control::NO_STORE,
+                    (false, true) => cache_control::PRIVATE,
+                    (false, false) => cache_control::public(served.fresh_for),
+                };
                 response.headers_mut().insert(header::CACHE_CONTROL, hint);
                 return response;
             }

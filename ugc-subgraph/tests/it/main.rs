@@ -7,6 +7,7 @@ mod cache;
 mod cluster;
 mod coherence;
 mod deploy;
+mod entity_shapes;
 mod gateway;
 mod http_surface;
 mod lifecycle;
