@@ -27,8 +27,10 @@
    alternating pairs.
 6. Reads beside writes: the same cached read load alone, then while k6
    sends 100 createReview/s on Zipf-drawn offers (entity cache on).
+7. Fetch shapes: the gateway fetch with a literal and with a variable for
+   `reviews(first:)`, both from rendered fragments.
 BENCH_ONLY=tracing,mixed (any of baseline, throughput, protection, limiter,
-overload, restart, lag, tracing, mixed) runs only those parts.
+overload, restart, lag, tracing, mixed, shapes) runs only those parts.
 Every loop is bounded; all traffic goes to 127.0.0.1.
 """
 import http.server
@@ -123,10 +125,11 @@ class Instance:
         self.proc.wait(timeout=30)
 
 
-def wrk(port, seconds, connections=16):
+def wrk(port, seconds, connections=16, variable=False):
     out = sh("wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s",
              os.path.join(ROOT, "scripts", "bench", "entities.lua"), f"http://127.0.0.1:{port}",
-             env=dict(os.environ, BENCH_OFFERS=str(OFFERS), BENCH_CLIENTS=str(CLIENTS)))
+             env=dict(os.environ, BENCH_OFFERS=str(OFFERS), BENCH_CLIENTS=str(CLIENTS),
+                      BENCH_VARIABLE="1" if variable else "0"))
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
@@ -137,10 +140,10 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(inst, seconds):
+def measured(inst, seconds, variable=False):
     """A wrk run with the server's CPU per request."""
     c0 = cpu_seconds(inst.proc.pid)
-    r = wrk(inst.port, seconds)
+    r = wrk(inst.port, seconds, variable=variable)
     r["cpu_us_per_req"] = (cpu_seconds(inst.proc.pid) - c0) * 1e6 / max(r["requests"], 1)
     return r
 
@@ -470,6 +473,37 @@ def reads_beside_writes(seconds, writes_per_sec=100):
             "entity_hit": rate(ent[0], ent[1]), "k6_ok": writer.returncode == 0, "k6_tail": k6_out[-1500:]}
 
 
+def shapes(seconds):
+    """The plain gateway fetch and the same with `reviews(first: $n)`, one
+    instance each, cache on."""
+    out = {}
+    for variable in (False, True):
+        port = 4171 + variable
+        inst = Instance(port, f"bench-shape-{int(variable)}-{int(time.time())}", **PROTECTION["on"])
+        try:
+            wrk(port, 5, variable=variable)
+            before = scrape(port)
+            r = measured(inst, seconds, variable=variable)
+            after = scrape(port)
+        finally:
+            inst.stop()
+        ent = [delta(before, after, "ugc_cache_requests_total", 'layer="entity"', f'result="{x}"') for x in ("hit", "miss")]
+        r["entity_hit"] = rate(ent[0], ent[1])
+        out["variable" if variable else "plain"] = r
+    return out
+
+
+def shapes_table():
+    s = shapes(DURATION)
+    print(f"\nFetch shapes (one instance, cache on, wrk as above for {DURATION} s):\n")
+    print("| `_entities` fetch | req/s | p50 ms | p95 ms | p99 ms | server CPU µs/req | entity hit |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, label in (("plain", "`reviews(first: 5)`"), ("variable", "`reviews(first: $n)`, n = 5")):
+        r = s[name]
+        print(f"| {label} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['cpu_us_per_req']:.1f} | {r['entity_hit']:.1%} |")
+
+
 def main():
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
@@ -498,6 +532,8 @@ def main():
         tracing_table()
     if want("mixed"):
         mixed_table()
+    if want("shapes"):
+        shapes_table()
     return 0
 
 

@@ -8,6 +8,12 @@ local N = tonumber(os.getenv("BENCH_OFFERS") or "10000")
 local CLIENTS = tonumber(os.getenv("BENCH_CLIENTS") or "0")
 local PER_REQUEST, BODIES = 20, 4000
 local query = "query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id rating { average count distribution } reviews(first: 5) { totalCount edges { node { id rating text author { id } } } } } } }"
+-- BENCH_VARIABLE=1: the same fetch as Apollo Gateway sends it when the
+-- client paginates with a variable (`reviews(first: $n)`, n = 5).
+local VARIABLE = os.getenv("BENCH_VARIABLE") == "1"
+if VARIABLE then
+  query = "query($representations: [_Any!]!, $n: Int!) { _entities(representations: $representations) { ... on Offer { id rating { average count distribution } reviews(first: $n) { totalCount edges { node { id rating text author { id } } } } } } }"
+end
 
 local cdf, total = {}, 0
 for k = 1, N do total = total + 1 / k; cdf[k] = total end
@@ -28,7 +34,8 @@ init = function(args)
     for r = 1, PER_REQUEST do
       reps[r] = string.format('{"__typename":"Offer","id":"offer-%06d"}', draw())
     end
-    bodies[b] = string.format('{"query":"%s","variables":{"representations":[%s]}}', query, table.concat(reps, ","))
+    local extra = VARIABLE and ',"n":5' or ''
+    bodies[b] = string.format('{"query":"%s","variables":{"representations":[%s]%s}}', query, table.concat(reps, ","), extra)
   end
 end
 
