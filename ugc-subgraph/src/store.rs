@@ -31,6 +31,7 @@ use crate::telemetry::metrics::Metrics;
 pub use crate::domain::cursor::PageKey;
 pub use external::ExternalOutcome;
 pub use reads::RowVersion;
+pub use replica::ReplicaState;
 pub use writes::{Committed, NewReview, ReviewPatch};
 
 /// Migrations embedded in the binary; applied by `serve` and `migrate`.

@@ -45,12 +45,19 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         Some(crate::cache::BreakerState::HalfOpen) => "recovering (circuit half-open)",
         Some(crate::cache::BreakerState::Open) => "unavailable (circuit open; serving from L1 + Postgres)",
     };
+    // A replica is optional too: reads fall back to the primary.
+    let replica = match state.store.replica_state() {
+        crate::store::ReplicaState::NotConfigured => "not configured",
+        crate::store::ReplicaState::Available => "ok",
+        crate::store::ReplicaState::Unavailable => "unavailable (reading from the primary)",
+    };
     let ready = postgres == "ok";
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "postgres": postgres,
         "redis": redis,
+        "replica": replica,
         "cache": if state.cache.enabled() { "on" } else { "off" },
     });
     (status, Json(body))

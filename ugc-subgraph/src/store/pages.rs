@@ -132,16 +132,19 @@ impl Store {
         }
         let limit = size.get() as i64 + 1;
         let rows = self
-            .timed(
-                name,
-                sqlx::query(statement)
-                    .bind(&scope_ids)
-                    .bind(&ratings)
-                    .bind(&times)
-                    .bind(&ids)
-                    .bind(limit)
-                    .fetch_all(self.reader()),
-            )
+            .read(name, |pool| {
+                let (scope_ids, ratings, times, ids) = (&scope_ids, &ratings, &times, &ids);
+                async move {
+                    sqlx::query(statement)
+                        .bind(scope_ids)
+                        .bind(ratings)
+                        .bind(times)
+                        .bind(ids)
+                        .bind(limit)
+                        .fetch_all(&pool)
+                        .await
+                }
+            })
             .await?;
         let mut lists: Vec<Vec<Review>> = vec![Vec::new(); n];
         for row in &rows {

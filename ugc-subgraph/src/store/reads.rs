@@ -16,7 +16,12 @@ impl Store {
     /// Postgres unavailable or failing.
     pub async fn reviews_by_ids(&self, ids: &[i64]) -> Result<Vec<Review>, StoreError> {
         let sql = format!("SELECT {REVIEW_COLUMNS} FROM reviews r WHERE r.id = ANY($1) AND r.deleted_at IS NULL");
-        let rows = self.timed("reviews_by_ids", sqlx::query(&sql).bind(ids).fetch_all(self.reader())).await?;
+        let rows = self
+            .read("reviews_by_ids", |pool| {
+                let sql = &sql;
+                async move { sqlx::query(sql).bind(ids).fetch_all(&pool).await }
+            })
+            .await?;
         rows.iter().map(review_from_row).collect()
     }
 
@@ -27,15 +32,15 @@ impl Store {
     /// Postgres unavailable or failing.
     pub async fn offer_ratings(&self, offer_ids: &[String]) -> Result<HashMap<String, RatingSummary>, StoreError> {
         let rows = self
-            .timed(
-                "offer_ratings",
+            .read("offer_ratings", |pool| async move {
                 sqlx::query(
                     "SELECT offer_id, review_count, rating_sum, stars_1, stars_2, stars_3, stars_4, stars_5 \
                      FROM offer_ratings WHERE offer_id = ANY($1)",
                 )
                 .bind(offer_ids)
-                .fetch_all(self.reader()),
-            )
+                .fetch_all(&pool)
+                .await
+            })
             .await?;
         let mut out: HashMap<String, RatingSummary> =
             offer_ids.iter().map(|id| (id.clone(), RatingSummary::default())).collect();
@@ -60,12 +65,12 @@ impl Store {
     /// Postgres unavailable or failing.
     pub async fn author_review_counts(&self, author_ids: &[String]) -> Result<HashMap<String, i64>, StoreError> {
         let rows: Vec<(String, i64)> = self
-            .timed(
-                "author_review_counts",
+            .read("author_review_counts", |pool| async move {
                 sqlx::query_as("SELECT author_id, review_count FROM author_review_counts WHERE author_id = ANY($1)")
                     .bind(author_ids)
-                    .fetch_all(self.reader()),
-            )
+                    .fetch_all(&pool)
+                    .await
+            })
             .await?;
         let mut out: HashMap<String, i64> = author_ids.iter().map(|id| (id.clone(), 0)).collect();
         out.extend(rows);

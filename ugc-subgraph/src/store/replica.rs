@@ -11,7 +11,8 @@
 //! position is polled; a poll is a lower bound of the current one (replay
 //! only moves forward), so the check can only err towards the primary.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -21,6 +22,8 @@ use super::{Store, StoreError};
 
 /// How often the replica's replay position is read.
 const POLL: Duration = Duration::from_millis(10);
+/// A poll not answered within this makes the replica unavailable.
+const POLL_TIMEOUT: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 pub struct ReplicaFence {
@@ -28,6 +31,18 @@ pub struct ReplicaFence {
     required: AtomicU64,
     /// The replica's replay position as last read.
     replayed: AtomicU64,
+    /// The last poll succeeded (false until the first one does).
+    available: AtomicBool,
+}
+
+/// What readiness says of the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    NotConfigured,
+    /// Serving reads (when caught up with what this instance knows of).
+    Available,
+    /// Not answering: reads go to the primary.
+    Unavailable,
 }
 
 impl Store {
@@ -37,14 +52,42 @@ impl Store {
     }
 
     /// The pool a read uses now.
-    pub(super) fn reader(&self) -> &PgPool {
+    fn reader(&self) -> &PgPool {
         let Some(replica) = &self.replica else { return &self.primary };
-        let caught_up = self.fence.replayed.load(Ordering::Acquire) >= self.fence.required.load(Ordering::Acquire);
-        self.metrics.replica_routing.get_or_create(&[("pool", if caught_up { "replica" } else { "primary" })]).inc();
-        if caught_up {
+        let fence = &self.fence;
+        let usable = fence.available.load(Ordering::Acquire)
+            && fence.replayed.load(Ordering::Acquire) >= fence.required.load(Ordering::Acquire);
+        self.metrics.replica_routing.get_or_create(&[("pool", if usable { "replica" } else { "primary" })]).inc();
+        if usable {
             replica
         } else {
             &self.primary
+        }
+    }
+
+    /// Runs one read-path statement on [`Store::reader`]'s pool; when the
+    /// replica fails it for a connection-class reason, marks it unavailable
+    /// and runs it on the primary instead.
+    pub(super) async fn read<T, F, Fut>(&self, statement: &'static str, run: F) -> Result<T, StoreError>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let pool = self.reader();
+        let on_replica = self.replica.as_ref().is_some_and(|r| std::ptr::eq(r, pool));
+        match self.timed(statement, run(pool.clone())).await {
+            Err(StoreError::Unavailable(e)) if on_replica => {
+                self.replica_lost(&e.to_string());
+                self.metrics.replica_routing.get_or_create(&[("pool", "primary")]).inc();
+                self.timed(statement, run(self.primary.clone())).await
+            }
+            other => other,
+        }
+    }
+
+    fn replica_lost(&self, why: &str) {
+        if self.fence.available.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error = why, "read replica unavailable: reading from the primary");
         }
     }
 
@@ -52,15 +95,27 @@ impl Store {
         self.replica.is_some()
     }
 
+    pub fn replica_state(&self) -> ReplicaState {
+        match (&self.replica, self.fence.available.load(Ordering::Acquire)) {
+            (None, _) => ReplicaState::NotConfigured,
+            (Some(_), true) => ReplicaState::Available,
+            (Some(_), false) => ReplicaState::Unavailable,
+        }
+    }
+
     /// Polls the replica's replay position until `stop` (no replica: returns).
     pub async fn follow_replica(self, stop: CancellationToken) {
         let Some(replica) = self.replica.clone() else { return };
         loop {
-            match self.replay_position(&replica).await {
-                Ok(lsn) => {
+            match tokio::time::timeout(POLL_TIMEOUT, self.replay_position(&replica)).await {
+                Ok(Ok(lsn)) => {
                     self.fence.replayed.fetch_max(lsn, Ordering::AcqRel);
+                    if !self.fence.available.swap(true, Ordering::AcqRel) {
+                        tracing::info!("read replica available: reads go to it while it is caught up");
+                    }
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot read the replica's replay position"),
+                Ok(Err(e)) => self.replica_lost(&e.to_string()),
+                Err(_) => self.replica_lost("no answer to the replay-position poll"),
             }
             tokio::select! {
                 () = stop.cancelled() => return,

@@ -117,6 +117,17 @@ impl PgCluster {
         run("pg_ctl", &["-D", s(&data), "-o", &options, "-l", s(&self.dir.join("log")), "-w", "-t", "60", "start"]);
     }
 
+    /// Stops the server at once (as a crash would).
+    pub fn kill(&self) {
+        let data = self.dir.join("data");
+        run("pg_ctl", &["-D", s(&data), "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts it again after [`PgCluster::kill`].
+    pub fn restart(&self) {
+        self.launch();
+    }
+
     /// Runs `sql` on database `db` of this cluster, through psql.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")

@@ -1,6 +1,7 @@
 //! Read replicas never poison the shared caches: against a real streaming
 //! replica (a private primary and a `pg_basebackup` of it), replay paused
-//! with `pg_wal_replay_pause()`.
+//! with `pg_wal_replay_pause()`. And a replica that goes away costs no
+//! failed read.
 
 use std::time::Duration;
 
@@ -80,4 +81,83 @@ async fn a_lagging_replica_is_never_read_into_the_caches() {
     );
     assert_eq!(text(&a).await, "after");
     drop((a, b));
+}
+
+#[tokio::test]
+async fn a_replica_that_goes_away_costs_no_failed_read_and_readiness_says_so() {
+    let primary = PgCluster::start();
+    let db = format!("ugc_rg_{}", std::process::id());
+    primary.psql("postgres", &format!("CREATE DATABASE {db}"));
+    let replica = primary.replica();
+    let read_url = replica.url(&db);
+    // Every read goes to Postgres: the pool that serves it is what is tested.
+    let app =
+        TestApp::start_on(&primary.url(&db), &[("DATABASE_READ_URL", read_url.as_str()), ("UGC_CACHE", "off")]).await;
+    app.seed(5, 10, 20).await;
+    let ready = async || -> serde_json::Value {
+        app.client().get(app.url("/health/ready")).send().await.unwrap().json().await.unwrap()
+    };
+    let on_replica = async || app.metric("ugc_replica_routing_total", &["pool=\"replica\""]).await;
+    let read = async || {
+        let body = app
+            .gql("{ offer(id: \"offer-000001\") { rating { count } reviews(first: 3) { totalCount } } }", json!({}))
+            .await;
+        body["errors"].is_null() && body["data"]["offer"]["rating"]["count"].is_number()
+    };
+    assert!(eventually(Duration::from_secs(10), async || ready().await["replica"] == "ok").await, "{}", ready().await);
+    let before = on_replica().await;
+    assert!(read().await);
+    assert!(on_replica().await > before, "a healthy replica serves reads");
+
+    // The replica crashes while reads keep coming.
+    let reader = {
+        let url = app.url("/graphql");
+        let client = app.client().clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(3) {
+                let body: serde_json::Value = client
+                    .post(&url)
+                    .json(&json!({ "query": "{ offer(id: \"offer-000002\") { rating { count } reviews(first: 2) { totalCount } } }" }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if body["errors"].is_null() {
+                    ok += 1
+                } else {
+                    failed.push(body)
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    replica.kill();
+    let (ok, failed) = reader.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} reads failed while the replica went away: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        failed.first()
+    );
+    assert!(ok > 10, "only {ok} reads");
+    let status = app.client().get(app.url("/health/ready")).send().await.unwrap();
+    assert_eq!(status.status(), 200, "a missing replica does not make the instance unready");
+    let body: serde_json::Value = status.json().await.unwrap();
+    assert_eq!(body["replica"], "unavailable (reading from the primary)", "{body}");
+    let before = on_replica().await;
+    assert!(read().await);
+    assert_eq!(on_replica().await, before, "reads went to the dead replica");
+
+    // Back: reads return to it.
+    replica.restart();
+    assert!(eventually(Duration::from_secs(20), async || ready().await["replica"] == "ok").await, "{}", ready().await);
+    let before = on_replica().await;
+    assert!(read().await);
+    assert!(on_replica().await > before, "the replica serves again once it answers");
 }
