@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := target/release/ugc-subgraph
 SHARED ?= ../shared
 
-.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools
+.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools drills
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ stack: services release gateway-deps deploy-tools ## The compose topology from n
 stack-check: services gateway-deps deploy-tools ## Bring the native stack up, query through the gateway, check Prometheus scraped both instances, stop it
 	$(CARGO) build -p ugc-subgraph
 	BIN=target/debug/ugc-subgraph scripts/stack.sh check
+
+drills: services release ## Failure drills under load on a private Postgres and Redis (~2 min): Redis killed, Postgres restarted and slowed, listeners cut, a writer SIGKILLed
+	python3 scripts/drills.py $(DRILLS)
 
 deploy-tools: ## Install Debian's docker-compose (to validate the compose file) and prometheus (promtool, make stack) if missing
 	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
