@@ -11,6 +11,7 @@ import { FEDERATED, gql, token } from './lib.js';
 const URL = __ENV.URL || 'http://127.0.0.1:4000/';
 const SECRET = __ENV.SECRET || 'dev-only-secret-change-me-0123456789';
 const RUN = __ENV.RUN || String(Date.now());
+const WRITE_RATIO = Number(__ENV.WRITE_RATIO || 0.05);
 const staleAfterWrite = new Counter('read_your_write_violations');
 const checkedAfterWrite = new Counter('read_your_write_checks');
 const writeMs = new Trend('write_ms', true);
@@ -54,7 +55,7 @@ function write() {
 }
 
 export default function () {
-  if (Math.random() < 0.05) {
+  if (Math.random() < WRITE_RATIO) {
     write();
     return;
   }

@@ -165,7 +165,8 @@ class Instance:
         full = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=f"redis://127.0.0.1:{redis_port}",
                     UGC_LISTEN=f"127.0.0.1:{self.port}", UGC_JWT_SECRET=SECRET, UGC_CACHE_PREFIX="drill",
                     RUST_LOG="error", UGC_RATE_LIMIT="off", UGC_STALE_CHECK_RATE="0.01", UGC_SHUTDOWN_DRAIN_MS="0",
-                    UGC_DB_ACQUIRE_TIMEOUT_MS="1000", **env)
+                    UGC_DB_ACQUIRE_TIMEOUT_MS="1000")
+        full.update(env)
         self.proc = subprocess.Popen([BIN, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while time.time() < deadline:
