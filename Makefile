@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := target/release/ugc-subgraph
 SHARED ?= ../shared
 
-.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools drills soak
+.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools drills soak capacity
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ drills: services release ## Failure drills under load on a private Postgres and 
 
 soak: services release gateway-deps bench-tools ## 10-minute soak: 3 instances behind the gateway, reads + 1 % writes, stale-read detector on; RSS, fds, tasks per minute (SOAK_MINUTES=…)
 	python3 scripts/soak.py
+
+capacity: services release bench-tools ## The measurements behind docs/SCALING.md (~4 min, make bench's data): per-request CPU, Redis calls and SQL per cache state, per write, 1-3 instances
+	python3 scripts/capacity.py
 
 deploy-tools: ## Install Debian's docker-compose (to validate the compose file) and prometheus (promtool, make stack) if missing
 	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \

@@ -92,6 +92,7 @@ impl RedisClient {
             inner.metrics.redis_breaker_state.set(inner.breaker.state().as_gauge());
             return None;
         }
+        inner.metrics.redis_calls.get_or_create(&[("op", op)]).inc();
         let span = crate::telemetry::traces::client_span("redis", op);
         let outcome = tokio::time::timeout(inner.timeout, async {
             match self.connection().await {

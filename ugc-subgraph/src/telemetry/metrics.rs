@@ -53,6 +53,9 @@ pub struct Metrics {
     pub l1_entries: Gauge,
     /// L1 entries evicted for size.
     pub l1_evictions: Counter,
+    /// Redis calls made (one round trip each: pipelines and scripts
+    /// count once), by operation.
+    pub redis_calls: Family<Labels, Counter>,
     /// Redis calls that failed or timed out, by operation.
     pub redis_errors: Family<Labels, Counter>,
     /// Redis circuit breaker: 0 closed, 1 half-open, 2 open.
@@ -154,6 +157,7 @@ impl Metrics {
             l1_bytes: Gauge::default(),
             l1_entries: Gauge::default(),
             l1_evictions: Counter::default(),
+            redis_calls: Family::default(),
             redis_errors: Family::default(),
             redis_breaker_state: Gauge::default(),
             singleflight_waits: Counter::default(),
@@ -203,6 +207,7 @@ impl Metrics {
         registry.register("l1_bytes", "L1 cache weighted size in bytes", m.l1_bytes.clone());
         registry.register("l1_entries", "L1 cache entries", m.l1_entries.clone());
         registry.register("l1_evictions", "L1 entries evicted for size", m.l1_evictions.clone());
+        registry.register("redis_calls", "Redis calls (round trips) made", m.redis_calls.clone());
         registry.register("redis_errors", "Redis calls failed or timed out", m.redis_errors.clone());
         registry.register(
             "redis_breaker_state",
