@@ -23,6 +23,7 @@ without a failure).
   python3 scripts/drills.py [drill ...]     (all when none is named)
 """
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -299,18 +300,26 @@ class Load:
         return None
 
 
-def deployment(env_a=None, env_b=None, proxy=False):
-    pg, redis = Postgres(), Redis()
-    subprocess.run([BIN, "migrate"], env=dict(os.environ, DATABASE_URL=pg.url(), RUST_LOG="error"), check=True)
-    subprocess.run([BIN, "seed", "--offers", "100", "--users", "1000", "--reviews", "5000", "--seed", "7"],
-                   env=dict(os.environ, DATABASE_URL=pg.url(), RUST_LOG="error"), check=True, capture_output=True)
-    slow = SlowProxy(pg.port) if proxy else None
-    url = pg.url(port=slow.port) if slow else pg.url()
-    a = Instance("A", url, redis.port, **(env_a or {}))
-    b = Instance("B", url, redis.port, **(env_b or {}))
-    reviews = pg.psql(f"SELECT string_agg(id::text, ',') FROM (SELECT id FROM reviews WHERE status = 'PUBLISHED' "
-                      f"ORDER BY id LIMIT {WRITERS}) r").split(",")
-    return pg, redis, slow, a, b, reviews
+@contextlib.contextmanager
+def deployment(proxy=False):
+    """Private Postgres and Redis, seeded; instances A and B; everything
+    stopped and removed when the drill ends, whatever happened."""
+    pg, redis, instances = Postgres(), Redis(), []
+    try:
+        subprocess.run([BIN, "migrate"], env=dict(os.environ, DATABASE_URL=pg.url(), RUST_LOG="error"), check=True)
+        subprocess.run([BIN, "seed", "--offers", "100", "--users", "1000", "--reviews", "5000", "--seed", "7"],
+                       env=dict(os.environ, DATABASE_URL=pg.url(), RUST_LOG="error"), check=True, capture_output=True)
+        slow = SlowProxy(pg.port) if proxy else None
+        url = pg.url(port=slow.port) if slow else pg.url()
+        instances += [Instance("A", url, redis.port), Instance("B", url, redis.port)]
+        reviews = pg.psql(f"SELECT string_agg(id::text, ',') FROM (SELECT id FROM reviews WHERE status = 'PUBLISHED' "
+                          f"ORDER BY id LIMIT {WRITERS}) r").split(",")
+        yield pg, redis, slow, instances[0], instances[1], reviews
+    finally:
+        for x in instances:
+            x.stop()
+        redis.close()
+        pg.close()
 
 
 def report(name, load, fault_end, extra=""):
@@ -322,8 +331,7 @@ def report(name, load, fault_end, extra=""):
 
 
 def drill_redis():
-    pg, redis, _, a, b, reviews = deployment()
-    try:
+    with deployment() as (pg, redis, _, a, b, reviews):
         load = Load([a, b], reviews)
 
         def fault(_):
@@ -335,16 +343,10 @@ def drill_redis():
         end = load.run(LOAD_SECONDS, fault)
         errors = a.metric("ugc_redis_errors_total") + b.metric("ugc_redis_errors_total")
         return report("Redis killed for 3 s, restarted", load, end, f"{errors:.0f} Redis calls failed (served from L1 + Postgres)")
-    finally:
-        for x in (a, b):
-            x.stop()
-        redis.close()
-        pg.close()
 
 
 def drill_pg_restart():
-    pg, redis, _, a, b, reviews = deployment()
-    try:
+    with deployment() as (pg, redis, _, a, b, reviews):
         load = Load([a, b], reviews)
 
         def fault(_):
@@ -355,16 +357,10 @@ def drill_pg_restart():
 
         end = load.run(LOAD_SECONDS, fault)
         return report("Postgres restarted (down ~1.5 s)", load, end, "writes and cache misses fail while it is down; cached reads do not")
-    finally:
-        for x in (a, b):
-            x.stop()
-        redis.close()
-        pg.close()
 
 
 def drill_pg_slow():
-    pg, redis, slow, a, b, reviews = deployment(proxy=True)
-    try:
+    with deployment(proxy=True) as (pg, redis, slow, a, b, reviews):
         load = Load([a, b], reviews)
 
         def fault(_):
@@ -375,16 +371,10 @@ def drill_pg_slow():
 
         end = load.run(LOAD_SECONDS, fault)
         return report("Postgres +200 ms per round trip for 4 s", load, end, "a proxy delaying each direction 100 ms")
-    finally:
-        for x in (a, b):
-            x.stop()
-        redis.close()
-        pg.close()
 
 
 def drill_listener_cut():
-    pg, redis, _, a, b, reviews = deployment()
-    try:
+    with deployment() as (pg, redis, _, a, b, reviews):
         load = Load([a, b], reviews)
 
         def fault(_):
@@ -396,16 +386,10 @@ def drill_listener_cut():
         end = load.run(LOAD_SECONDS, fault)
         drops = a.metric("ugc_l1_dropped_total") + b.metric("ugc_l1_dropped_total")
         return report("LISTEN connections terminated", load, end, f"{load.cut} listeners cut, {drops:.0f} whole-L1 drops on reconnect")
-    finally:
-        for x in (a, b):
-            x.stop()
-        redis.close()
-        pg.close()
 
 
 def drill_kill_writer():
-    pg, redis, _, a, b, reviews = deployment()
-    try:
+    with deployment() as (pg, redis, _, a, b, reviews):
         load = Load([a, b], reviews)
 
         def fault(_):
@@ -430,11 +414,6 @@ def drill_kill_writer():
         ok = report("writer A killed (SIGKILL) mid-writes", load, end,
                     f"{len(load.acked)} reviews checked after: {lost} not as acknowledged; {outbox} outbox events left")
         return ok and lost == 0
-    finally:
-        for x in (a, b):
-            x.stop()
-        redis.close()
-        pg.close()
 
 
 DRILLS = {"redis": drill_redis, "pg-restart": drill_pg_restart, "pg-slow": drill_pg_slow,
