@@ -30,7 +30,10 @@
 7. Fetch shapes: the gateway fetch with a literal and with a variable for
    `reviews(first:)`, both from rendered fragments.
 BENCH_ONLY=tracing,mixed (any of baseline, throughput, protection, limiter,
-overload, restart, lag, tracing, mixed, shapes) runs only those parts.
+overload, restart, lag, tracing, mixed, shapes, fastpath) runs only those parts.
+8. Fast path: a prepared-bytes axum server (the HTTP limit; the
+   `prepared_bytes` example) next to fragments on, with a variable, under
+   100 writes/s, fragments off and cache off, with CPU per request.
 Every loop is bounded; all traffic goes to 127.0.0.1.
 """
 import http.server
@@ -504,6 +507,94 @@ def shapes_table():
               f"{r['cpu_us_per_req']:.1f} | {r['entity_hit']:.1%} |")
 
 
+PREPARED_BIN = os.path.join(ROOT, "target", "release", "examples", "prepared_bytes")
+ENTITIES_QUERY = ("query($representations: [_Any!]!) { _entities(representations: $representations) { ... on Offer { id "
+                  "rating { average count distribution } reviews(first: 5) { totalCount edges { node { id rating text "
+                  "author { id } } } } } } }")
+
+
+def server_run(port, proc, seconds, variable=False):
+    """wrk against any process on `port`, with that process's CPU per request."""
+    c0 = cpu_seconds(proc.pid)
+    r = wrk(port, seconds, variable=variable)
+    r["cpu_us_per_req"] = (cpu_seconds(proc.pid) - c0) * 1e6 / max(r["requests"], 1)
+    return r
+
+
+def fast_path(seconds):
+    """The table of issue "fast path": the HTTP limit (prepared bytes) and the
+    service's paths on the same load."""
+    rows = []
+    prefix = f"bench-fast-{int(time.time())}"
+    inst = Instance(4191, prefix, **PROTECTION["on"])
+    body_file = os.path.join(tempfile.gettempdir(), f"ugc-bench-prepared-{os.getpid()}.json")
+    try:
+        wrk(4191, 5)
+        # A typical answer: 20 offers drawn as wrk draws them.
+        import random
+        rng = random.Random(42)
+        weights = [1 / k for k in range(1, OFFERS + 1)]
+        reps = [{"__typename": "Offer", "id": f"offer-{k:06d}"} for k in rng.choices(range(1, OFFERS + 1), weights, k=20)]
+        req = urllib.request.Request(inst.url, json.dumps({"query": ENTITIES_QUERY, "variables": {"representations": reps}}).encode(),
+                                     {"content-type": "application/json"})
+        body = urllib.request.urlopen(req, timeout=10).read()
+        with open(body_file, "wb") as f:
+            f.write(body)
+        rows.append(("fragments on", measured(inst, seconds)))
+        writer = subprocess.Popen([K6, "run", "--quiet", "-e", f"URL={inst.url}", "-e", f"SECRET={SECRET}", "-e", "RATE=100",
+                                   "-e", f"DURATION={seconds + 2}s", "-e", f"RUN={prefix}", os.path.join(ROOT, "k6", "write_rate.js")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        rows.append(("fragments on, 100 writes/s beside", measured(inst, seconds)))
+        writer.wait(timeout=seconds + 60)
+        rows.append(("fragments on, `reviews(first: $n)`", measured(inst, seconds, variable=True)))
+    finally:
+        inst.stop()
+    prepared = subprocess.Popen([PREPARED_BIN], env=dict(os.environ, PREPARED_FILE=body_file, PREPARED_LISTEN="127.0.0.1:4192"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket_ok = urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:4192/graphql", b"{}"), timeout=1)
+                socket_ok.read()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.05)
+        wrk(4192, 3)
+        rows.insert(0, (f"prepared bytes ({len(body):,} B, the HTTP limit)", server_run(4192, prepared, seconds)))
+    finally:
+        prepared.terminate()
+        prepared.wait(timeout=10)
+        os.remove(body_file)
+    for label, env, port in (("fragments off (data in L1, executed)", {"UGC_ENTITY_CACHE": "off"}, 4193),
+                             ("cache off", {"UGC_CACHE": "off"}, 4194)):
+        other = Instance(port, f"{prefix}-{port}", **PROTECTION["on"], **env)
+        try:
+            wrk(port, 5)
+            rows.append((label, measured(other, seconds)))
+        finally:
+            other.stop()
+    return rows
+
+
+def fast_path_table():
+    if not os.path.exists(PREPARED_BIN):
+        sh("cargo", "build", "--release", "--quiet", "-p", "ugc-subgraph", "--example", "prepared_bytes", cwd=ROOT)
+    rows = fast_path(DURATION)
+    limit = rows[0][1]
+    print(f"\nFast path (wrk -t1 -c16 -d{DURATION}s, _entities for 20 Zipf-drawn offers, one server):\n")
+    print("| server | req/s | of the limit | p50 ms | p95 ms | p99 ms | server CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, r in rows:
+        print(f"| {label} | {r['rps']:,.0f} | {r['rps'] / limit['rps']:.0%} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['cpu_us_per_req']:.1f} |")
+    by = dict(rows)
+    on = by["fragments on"]
+    print(f"\nunder 100 writes/s: {by['fragments on, 100 writes/s beside']['rps'] / on['rps']:.1%} of read-only throughput, "
+          f"p99 {by['fragments on, 100 writes/s beside']['p99_ms'] / on['p99_ms']:.1f}×; variable shape "
+          f"{by['fragments on, `reviews(first: $n)`']['rps'] / on['rps']:.1%} of the literal one")
+
+
 def main():
     if not os.path.exists(BIN):
         raise SystemExit("build first: cargo build --release")
@@ -534,6 +625,8 @@ def main():
         mixed_table()
     if want("shapes"):
         shapes_table()
+    if want("fastpath"):
+        fast_path_table()
     return 0
 
 
