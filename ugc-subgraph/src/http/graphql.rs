@@ -170,9 +170,15 @@ async fn run(
     // write makes the client's retry a second write, or a CONFLICT).
     // Postgres's statement and pool time-outs bound it instead.
     let timeout = if admitted.mutation { MUTATION_TIMEOUT_CEILING } else { state.config.http.request_timeout };
-    // What a query reads decides what caches in front may do with it.
+    // What a query reads decides what caches in front may do with it (a
+    // mutation's answer is never stored: nothing to record).
     let recorder = Recorder::default();
-    let outcome = tokio::time::timeout(timeout, recording(recorder.clone(), state.schema.execute_batch(batch))).await;
+    let execution = state.schema.execute_batch(batch);
+    let outcome = if admitted.mutation {
+        tokio::time::timeout(timeout, execution).await
+    } else {
+        tokio::time::timeout(timeout, recording(recorder.clone(), execution)).await
+    };
     drop(in_flight);
     let Ok(mut response) = outcome else {
         observe(&state, operation, name, "timeout", started);
