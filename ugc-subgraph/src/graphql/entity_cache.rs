@@ -346,7 +346,8 @@ impl EntityCache {
             // A fragment ages with its data: it is fresh until the oldest
             // value it read stops being fresh, and never past the TTL.
             let expires = deps.fresh_until.map_or(rendered_at, |t| t.min(rendered_at + ttl));
-            let tags = router_tags(&deps.tags);
+            // Only answers that carry them need the router's tag names.
+            let tags = if self.router_tags { router_tags(&deps.tags) } else { Box::from("") };
             let private = deps.private;
             fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires, tags, private }));
         }
