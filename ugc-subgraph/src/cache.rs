@@ -65,7 +65,7 @@ use generations::Generations;
 use hot::HotKeys;
 use judge::{jitter, Freshness, Judged, L2Entry, Look, Lookup};
 use l1::L1;
-use l2::{Fill, L2};
+use l2::{Fetched, Fill, L2};
 use refresh::{refresher, Refresh};
 use single_flight::Claims;
 
@@ -477,19 +477,15 @@ impl<S: Source> Inner<S> {
         // fills the old namespace, which nobody reads any more.
         let prefix = &*self.l2_prefix();
 
-        // The write-position watermark is read with the tokens, in the same
-        // command: a token moved by an event comes with its position.
-        let with_watermark = |keys: &[CacheKey]| -> Vec<String> {
-            keys.iter().map(|k| k.tag().redis_key(prefix)).chain([watermark_key(prefix)]).collect()
-        };
-        let take_watermark = |tokens: Option<Vec<u64>>| {
-            tokens.map(|mut tokens| {
-                self.source.require(tokens.pop().unwrap_or(0));
-                tokens
-            })
-        };
+        // The write-position watermark is read with the tokens (L2::mget):
+        // a token moved by an event comes with its position.
+        let tag_keys = || -> Vec<String> { keys.iter().map(|k| k.tag().redis_key(prefix)).collect() };
+        let watermark = watermark_key(prefix);
         if let (Some(l2), Through::SourceOnly) = (&self.l2, through) {
-            l2_tokens = take_watermark(l2.tokens(&with_watermark(keys)).await);
+            l2_tokens = l2.tokens(&tag_keys(), &watermark).await.map(|(tokens, watermark)| {
+                self.source.require(watermark);
+                tokens
+            });
         } else if let Some(l2) = &self.l2 {
             let entry_keys: Vec<String> = keys.iter().map(|k| k.redis_key(prefix)).collect();
             let span = crate::child_span!(
@@ -500,10 +496,10 @@ impl<S: Source> Inner<S> {
                 misses = tracing::field::Empty,
             );
             let asked = Instant::now();
-            let fetched = l2.mget(&entry_keys, &with_watermark(keys)).instrument(span.clone()).await;
+            let fetched = l2.mget(&entry_keys, &tag_keys(), Some(&watermark)).instrument(span.clone()).await;
             self.metrics.cache_layer_seconds.get_or_create(&[("layer", "l2")]).observe(asked.elapsed().as_secs_f64());
-            if let Some((values, tokens)) = fetched.map(|(values, tokens)| (values, take_watermark(Some(tokens)))) {
-                let tokens = tokens.unwrap_or_default();
+            if let Some(Fetched { values, tokens, watermark }) = fetched {
+                self.source.require(watermark);
                 let now = now_ms();
                 for ((i, key), raw) in keys.iter().enumerate().zip(values) {
                     match self.judge_l2(key, raw, tokens[i], now, Look::First) {

@@ -269,7 +269,8 @@ pub const DEFAULT_TRACE_RATIO: f64 = 0.1;
 #[derive(Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
-    pub redis_url: Option<String>,
+    /// Where L2 and the shared rate-limit budgets live (`None`: L1 only).
+    pub redis: Option<RedisTarget>,
     pub http: HttpConfig,
     pub graphql: GraphqlConfig,
     pub auth: AuthConfig,
@@ -339,12 +340,7 @@ impl Config {
             acquire_timeout: env.millis("UGC_DB_ACQUIRE_TIMEOUT_MS", DEFAULT_DB_ACQUIRE_TIMEOUT_MS)?,
             statement_timeout: env.millis("UGC_DB_STATEMENT_TIMEOUT_MS", DEFAULT_DB_STATEMENT_TIMEOUT_MS)?,
         };
-        let redis_url = match env.get("REDIS_URL") {
-            Some(url) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => {
-                return Err(env.invalid("REDIS_URL", "expected redis://host:port[/db]"));
-            }
-            other => other.map(str::to_owned),
-        };
+        let redis = redis_target(env)?;
         let http = HttpConfig {
             listen: env.parse("UGC_LISTEN", DEFAULT_LISTEN.parse().expect("valid default"))?,
             metrics_listen: env.parse_opt("UGC_METRICS_LISTEN")?,
@@ -426,8 +422,10 @@ impl Config {
             Ok(Duration::from_secs(env.parse_in(name, default, 1..=86_400)?))
         };
         let prefix = env.get("UGC_CACHE_PREFIX").unwrap_or("ugc").to_owned();
-        if prefix.len() > 64 || prefix.contains(char::is_whitespace) {
-            return Err(env.invalid("UGC_CACHE_PREFIX", "at most 64 characters, no spaces"));
+        // Braces would move the Redis Cluster hash tag that co-locates an
+        // entry with its tag's token (cache/key.rs).
+        if prefix.len() > 64 || prefix.contains(|c: char| c.is_whitespace() || c == '{' || c == '}') {
+            return Err(env.invalid("UGC_CACHE_PREFIX", "at most 64 characters, no spaces or braces"));
         }
         let cache = CacheConfig {
             enabled: env.bool("UGC_CACHE", true)?,
@@ -462,7 +460,7 @@ impl Config {
             coherence,
             events_token,
             database,
-            redis_url,
+            redis,
             http,
             graphql,
             auth: AuthConfig { jwt_secret, trusted_proxies },
@@ -561,13 +559,62 @@ fn traces(env: &Env) -> Result<Option<TracesConfig>, ConfigError> {
     Ok((!disabled).then_some(TracesConfig { endpoint: endpoint.1, service_name, sampler }))
 }
 
+/// One Redis server, or the seed nodes of a Redis Cluster.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Single(url) => f.debug_tuple("Single").field(&redact_url(url)).finish(),
+            Self::Cluster(urls) => {
+                f.debug_tuple("Cluster").field(&urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>()).finish()
+            }
+        }
+    }
+}
+
+/// `REDIS_CLUSTER_URLS` (comma-separated seed nodes), or `REDIS_URL`: one
+/// server (`redis://`, `rediss://`) or a cluster's seed nodes
+/// (`redis+cluster://host:port,host:port`). Both set is a mistake.
+fn redis_target(env: &Env) -> Result<Option<RedisTarget>, ConfigError> {
+    let is_url = |u: &str| (u.starts_with("redis://") || u.starts_with("rediss://")) && u.len() > "redis://".len();
+    let cluster = |name: &'static str, urls: Vec<String>| {
+        if urls.is_empty() || !urls.iter().all(|u| is_url(u)) {
+            return Err(env.invalid(name, "expected redis://host:port[,redis://host:port…]"));
+        }
+        Ok(Some(RedisTarget::Cluster(urls)))
+    };
+    match (env.get("REDIS_CLUSTER_URLS"), env.get("REDIS_URL")) {
+        (Some(_), Some(_)) => {
+            Err(env.invalid("REDIS_CLUSTER_URLS", "set either REDIS_URL or REDIS_CLUSTER_URLS, not both"))
+        }
+        (Some(list), None) => cluster(
+            "REDIS_CLUSTER_URLS",
+            list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect(),
+        ),
+        (None, Some(url)) if url.starts_with("redis+cluster://") => {
+            let hosts = &url["redis+cluster://".len()..];
+            cluster("REDIS_URL", hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{h}")).collect())
+        }
+        (None, Some(url)) if is_url(url) => Ok(Some(RedisTarget::Single(url.to_owned()))),
+        (None, Some(_)) => {
+            Err(env.invalid("REDIS_URL", "expected redis://host:port[/db] or redis+cluster://host:port,host:port"))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database.url))
             .field("database_read_url", &self.database.read_url.as_deref().map(redact_url))
             .field("db_pool_size", &self.database.pool_size)
-            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis", &self.redis)
             .field("http", &self.http)
             .field("graphql", &self.graphql)
             .field("jwt_secret", &self.auth.jwt_secret.as_ref().map(|_| "<redacted>"))
@@ -680,9 +727,29 @@ mod tests {
         let c = Config::from_vars(vars(&[("DATABASE_URL", "postgres://postgres@127.0.0.1/ugc")])).unwrap();
         assert_eq!(c.http.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.database.pool_size, DEFAULT_DB_POOL_SIZE);
-        assert!(c.redis_url.is_none() && c.auth.jwt_secret.is_none());
+        assert!(c.redis.is_none() && c.auth.jwt_secret.is_none());
         assert!(!c.graphql.introspection && !c.http.graphiql, "safe defaults: no introspection, no GraphiQL");
         assert!(c.rate_limit.enabled && c.rate_limit.read == DEFAULT_READ);
+    }
+
+    #[test]
+    fn redis_is_one_server_or_a_cluster_never_both() {
+        let db = ("DATABASE_URL", "postgres://x@h/d");
+        let target = |pairs: &[(&str, &str)]| Config::from_vars(vars(&[&[db], pairs].concat())).map(|c| c.redis);
+        assert_eq!(target(&[("REDIS_URL", "redis://h:1")]).unwrap(), Some(RedisTarget::Single("redis://h:1".into())));
+        let both = RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()]);
+        assert_eq!(target(&[("REDIS_CLUSTER_URLS", "redis://a:1, redis://b:2")]).unwrap(), Some(both.clone()));
+        assert_eq!(target(&[("REDIS_URL", "redis+cluster://a:1,b:2")]).unwrap(), Some(both));
+        for bad in [
+            vec![("REDIS_URL", "redis://a:1"), ("REDIS_CLUSTER_URLS", "redis://b:2")],
+            vec![("REDIS_CLUSTER_URLS", "a:1")],
+            vec![("REDIS_CLUSTER_URLS", ",")],
+            vec![("REDIS_URL", "redis+cluster://")],
+            vec![("REDIS_URL", "h:6379")],
+            vec![("UGC_CACHE_PREFIX", "a{b}")],
+        ] {
+            assert!(target(&bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]

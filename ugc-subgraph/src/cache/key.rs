@@ -15,7 +15,8 @@ use crate::domain::{Page, RatingSummary, Review, ReviewOrder};
 
 /// Bump when the encoding of any cached value changes: a deploy then never
 /// decodes entries written by the previous version (keys differ).
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2: keys carry their tag's Redis Cluster hash tag.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A cached thing. Hash/Eq make it the L1 key as is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,14 +82,19 @@ impl CacheKey {
         }
     }
 
-    /// The Redis key of the entry: `{prefix}:v{SCHEMA_VERSION}:{kind}:{…}`.
+    /// The Redis key of the entry: `{prefix}:v{SCHEMA_VERSION}:{kind}:{…}:{tag}`,
+    /// ending in its tag's hash tag (`{o:ID}`) so that on a Redis Cluster
+    /// the entry, its lease and its tag's token share a slot: the fenced
+    /// fill reads the token and writes the entry in one script, which a
+    /// cluster runs only on keys of one slot.
     /// Ids go last so that no id can forge another key's layout.
     pub fn redis_key(&self, prefix: &str) -> String {
         let v = SCHEMA_VERSION;
+        let tag = self.tag().hash_tag();
         match self {
-            Self::Review(id) => format!("{prefix}:v{v}:r:{id}"),
-            Self::Rating(offer) => format!("{prefix}:v{v}:rt:{offer}"),
-            Self::AuthorCount(author) => format!("{prefix}:v{v}:ac:{author}"),
+            Self::Review(_) => format!("{prefix}:v{v}:r:{tag}"),
+            Self::Rating(_) => format!("{prefix}:v{v}:rt:{tag}"),
+            Self::AuthorCount(_) => format!("{prefix}:v{v}:ac:{tag}"),
             Self::Page(k) => {
                 let order = match k.order {
                     ReviewOrder::Newest => 'n',
@@ -100,11 +106,11 @@ impl CacheKey {
                     None => "-".to_owned(),
                     Some(Position { rating, created_at_micros, id }) => format!("{rating}.{created_at_micros}.{id}"),
                 };
-                let (kind, scope) = match &k.scope {
-                    ListScope::Offer(id) => ("po", id),
-                    ListScope::Author(id) => ("pa", id),
+                let kind = match &k.scope {
+                    ListScope::Offer(_) => "po",
+                    ListScope::Author(_) => "pa",
                 };
-                format!("{prefix}:v{v}:{kind}:{order}:{}:{after}:{scope}", k.size.get())
+                format!("{prefix}:v{v}:{kind}:{order}:{}:{after}:{tag}", k.size.get())
             }
         }
     }
@@ -121,13 +127,19 @@ impl CacheKey {
 }
 
 impl Tag {
-    /// The Redis key holding the tag's current invalidation token. Not
-    /// versioned: old and new deploys share invalidations.
+    /// The Redis key holding the tag's current invalidation token.
     pub fn redis_key(&self, prefix: &str) -> String {
+        format!("{prefix}:g:{}", self.hash_tag())
+    }
+
+    /// `{o:ID}`: Redis Cluster hashes only what is inside the first braces
+    /// of a key, so every key ending in this lands in one slot. (An id with
+    /// a `}` cuts the hashed part short, identically in every key of the tag.)
+    fn hash_tag(&self) -> String {
         match self {
-            Self::Review(id) => format!("{prefix}:g:r:{id}"),
-            Self::Offer(id) => format!("{prefix}:g:o:{id}"),
-            Self::Author(id) => format!("{prefix}:g:a:{id}"),
+            Self::Review(id) => format!("{{r:{id}}}"),
+            Self::Offer(id) => format!("{{o:{id}}}"),
+            Self::Author(id) => format!("{{a:{id}}}"),
         }
     }
 }
@@ -199,7 +211,22 @@ mod tests {
     #[test]
     fn no_id_can_collide_with_another_key() {
         let size = PageSize::new(5).unwrap();
-        let ids = ["X", "X:lease", "lease", "X:", ":X", "v1:rt:X", "g:o:X", "X\n", "", "rl:read:X", "po:n:5:-:X"];
+        let ids = [
+            "X",
+            "X:lease",
+            "lease",
+            "X:",
+            ":X",
+            "v1:rt:X",
+            "g:o:X",
+            "X\n",
+            "",
+            "rl:read:X",
+            "po:n:5:-:X",
+            "X}",
+            "{X}",
+            "}",
+        ];
         let mut all = std::collections::HashSet::new();
         let mut count = 0;
         for id in ids {
@@ -221,6 +248,30 @@ mod tests {
         assert_eq!(all.len(), count - 2 * ids.len());
         assert_ne!(CacheKey::Rating("X:lease".into()).redis_key("p"), CacheKey::Rating("X".into()).lease_key("p"));
         assert!(CacheKey::Review(7).lease_key("p").starts_with("p:lease:"));
+    }
+
+    /// On a Redis Cluster a fenced fill (entry + token) and a lease (lease +
+    /// entry) are single-slot commands: every key of a tag hashes alike.
+    #[test]
+    fn an_entry_its_lease_and_its_token_share_a_cluster_slot() {
+        use redis::cluster_routing::Slot;
+        let size = PageSize::new(5).unwrap();
+        for id in ["X", "X}Y", "{", "}", "", "o:1", "a{b}c"] {
+            for key in [
+                CacheKey::Rating(id.into()),
+                CacheKey::AuthorCount(id.into()),
+                page_key(ListScope::Offer(id.into()), ReviewOrder::Newest, size, None),
+                page_key(ListScope::Author(id.into()), ReviewOrder::Oldest, size, None),
+                CacheKey::Review(42),
+            ] {
+                let token = Slot::for_key(key.tag().redis_key("p:e3"));
+                assert_eq!(Slot::for_key(key.redis_key("p:e3")), token, "{key:?}");
+                assert_eq!(Slot::for_key(key.lease_key("p:e3")), token, "{key:?}");
+            }
+        }
+        let offers: std::collections::HashSet<_> =
+            (0..64).map(|i| Slot::for_key(Tag::Offer(format!("o{i}")).redis_key("p"))).collect();
+        assert!(offers.len() > 32, "different tags spread over slots");
     }
 
     #[test]

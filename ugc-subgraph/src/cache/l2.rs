@@ -5,12 +5,24 @@
 //! never an error to the caller. One `MGET` per batch reads entries *and*
 //! their tags' tokens; fills are one `EVAL` per batch that stores each entry
 //! only if its tag's token is still the one read before the load (the fence).
+//!
+//! On a Redis Cluster a command may only name keys of one hash slot. An
+//! entry, its lease and its tag's token share a slot (cache/key.rs), so each
+//! script and pipeline is split by slot and the parts are sent at once: one
+//! command per slot, all in flight together, so a batch costs one round trip
+//! per node, not per key. The redis crate splits a cross-slot `MGET` and
+//! `DEL` the same way. What must never happen here: a multi-key script whose
+//! keys span slots (the cluster refuses it), or reading a token from a
+//! replica (it may be behind the fence).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_redis::redis;
+use futures::future::try_join_all;
+use redis::cluster_routing::Slot;
 
-use crate::redis::{BreakerState as State, RedisClient};
+use crate::redis::{BreakerState as State, Conn, RedisClient};
 
 /// Stores each `(entry, tag)` pair's value only if the tag's token still
 /// equals the token read before the load. KEYS: entry1, tag1, entry2, tag2…
@@ -55,8 +67,33 @@ pub struct Fill {
     pub bytes: Vec<u8>,
 }
 
+/// What one `MGET` read: entries, their tags' tokens, the watermark.
+pub struct Fetched {
+    pub values: Vec<Option<Vec<u8>>>,
+    pub tokens: Vec<u64>,
+    pub watermark: u64,
+}
+
 pub struct L2 {
     client: RedisClient,
+}
+
+/// Indices of `keys` grouped by hash slot, in first-seen order; one group
+/// of all of them when Redis is a single server.
+fn by_slot<'a>(cluster: bool, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+    if !cluster {
+        return vec![keys.enumerate().map(|(i, _)| i).collect()];
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut slots: HashMap<Slot, usize> = HashMap::new();
+    for (i, key) in keys.enumerate() {
+        let group = *slots.entry(Slot::for_key(key)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[group].push(i);
+    }
+    groups
 }
 
 impl L2 {
@@ -70,34 +107,66 @@ impl L2 {
 
     async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
     where
-        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.client.call(op, f).await
     }
 
-    /// Entries and their tags' tokens, in one round trip.
-    pub async fn mget(&self, entry_keys: &[String], tag_keys: &[String]) -> Option<(Vec<Option<Vec<u8>>>, Vec<u64>)> {
+    fn by_slot<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+        by_slot(self.client.is_cluster(), keys)
+    }
+
+    /// Entries, their tags' tokens and the write-position watermark, in one
+    /// round trip. The watermark is set before any token it covers moves,
+    /// so a token that has moved must come with a watermark at least as
+    /// new: one `MGET` gives that on a single server; on a cluster the
+    /// watermark lives on another node and is read after the tokens.
+    /// Without `watermark_key` it reads entries and tokens only (watermark 0).
+    pub async fn mget(
+        &self,
+        entry_keys: &[String],
+        tag_keys: &[String],
+        watermark_key: Option<&str>,
+    ) -> Option<Fetched> {
         let n = entry_keys.len();
-        let values: Vec<Option<Vec<u8>>> =
-            self.call("mget", |mut c| async move {
-                redis::cmd("MGET").arg(entry_keys).arg(tag_keys).query_async(&mut c).await
+        let together = watermark_key.filter(|_| !self.client.is_cluster());
+        let mut values: Vec<Option<Vec<u8>>> = self
+            .call("mget", |mut c| async move {
+                redis::cmd("MGET").arg(entry_keys).arg(tag_keys).arg(together).query_async(&mut c).await
             })
             .await?;
+        let watermark = match (watermark_key, together) {
+            (None, _) => 0,
+            (Some(_), Some(_)) => values.pop()?.map_or(0, parse),
+            (Some(key), None) => self.watermark(key).await?,
+        };
         if values.len() != n + tag_keys.len() {
             return None;
         }
-        let mut values = values;
-        let tokens = values.split_off(n).into_iter().map(parse_token).collect();
-        Some((values, tokens))
+        let tokens = values.split_off(n).into_iter().map(|t| t.map_or(0, parse)).collect();
+        Some(Fetched { values, tokens, watermark })
     }
 
-    /// Current tokens of these tags (absent = 0).
-    pub async fn tokens(&self, tag_keys: &[String]) -> Option<Vec<u64>> {
-        let values: Vec<Option<Vec<u8>>> = self
-            .call("mget_tokens", |mut c| async move { redis::cmd("MGET").arg(tag_keys).query_async(&mut c).await })
+    /// Current tokens of these tags (absent = 0) and the watermark, read as
+    /// in [`L2::mget`].
+    pub async fn tokens(&self, tag_keys: &[String], watermark_key: &str) -> Option<(Vec<u64>, u64)> {
+        let cluster = self.client.is_cluster();
+        let together = (!cluster).then_some(watermark_key);
+        let mut values: Vec<Option<Vec<u8>>> = self
+            .call("mget_tokens", |mut c| async move {
+                redis::cmd("MGET").arg(tag_keys).arg(together).query_async(&mut c).await
+            })
             .await?;
-        Some(values.into_iter().map(parse_token).collect())
+        let watermark = if cluster { self.watermark(watermark_key).await? } else { values.pop()?.map_or(0, parse) };
+        Some((values.into_iter().map(|t| t.map_or(0, parse)).collect(), watermark))
+    }
+
+    async fn watermark(&self, key: &str) -> Option<u64> {
+        let raw: Option<Vec<u8>> = self
+            .call("get_watermark", |mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        Some(raw.map_or(0, parse))
     }
 
     /// Stores the fills whose tag token is unchanged; returns how many were stored.
@@ -106,17 +175,21 @@ impl L2 {
             return Some(0);
         }
         let script = redis::Script::new(FENCED_FILL);
-        let stored: i64 = self
-            .call("fill", |mut c| async move {
-                let mut invocation = script.prepare_invoke();
-                for f in fills {
-                    invocation.key(&f.entry_key).key(&f.tag_key);
-                    invocation.arg(f.token).arg(f.ttl.as_millis().max(1) as u64).arg(&f.bytes);
-                }
-                invocation.invoke_async(&mut c).await
+        let groups = self.by_slot(fills.iter().map(|f| f.entry_key.as_str()));
+        let stored: Vec<i64> = self
+            .call("fill", |c| {
+                try_join_all(groups.iter().map(|group| {
+                    let mut invocation = script.prepare_invoke();
+                    for f in group.iter().map(|&i| &fills[i]) {
+                        invocation.key(&f.entry_key).key(&f.tag_key);
+                        invocation.arg(f.token).arg(f.ttl.as_millis().max(1) as u64).arg(&f.bytes);
+                    }
+                    let mut c = c.clone();
+                    async move { invocation.invoke_async(&mut c).await }
+                }))
             })
             .await?;
-        Some(usize::try_from(stored).unwrap_or(0))
+        Some(stored.into_iter().map(|n| usize::try_from(n).unwrap_or(0)).sum())
     }
 
     /// Tries to take the load lease of each key and, in the same round
@@ -129,24 +202,34 @@ impl L2 {
         ttl: Duration,
         owner: &str,
     ) -> Option<Vec<(bool, Option<Vec<u8>>)>> {
-        let replies: Vec<(Option<String>, Option<Vec<u8>>)> = self
-            .call("lease", |mut c| async move {
-                let mut pipe = redis::pipe();
-                for (lease, entry) in lease_keys.iter().zip(entry_keys) {
-                    pipe.cmd("SET").arg(lease).arg(owner).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
-                    pipe.cmd("GET").arg(entry);
-                }
-                let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
-                let mut out = Vec::with_capacity(lease_keys.len());
-                for pair in flat.chunks(2) {
-                    let taken = redis::from_redis_value::<Option<String>>(pair[0].clone())?;
-                    let entry = redis::from_redis_value::<Option<Vec<u8>>>(pair[1].clone())?;
-                    out.push((taken, entry));
-                }
-                Ok(out)
+        let groups = self.by_slot(lease_keys.iter().map(String::as_str));
+        let replies: Vec<Vec<(usize, bool, Option<Vec<u8>>)>> = self
+            .call("lease", |c| {
+                try_join_all(groups.iter().map(|group| {
+                    let mut pipe = redis::pipe();
+                    for &i in group {
+                        pipe.cmd("SET").arg(&lease_keys[i]).arg(owner).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
+                        pipe.cmd("GET").arg(&entry_keys[i]);
+                    }
+                    let mut c = c.clone();
+                    async move {
+                        let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                        let mut out = Vec::with_capacity(group.len());
+                        for (&i, pair) in group.iter().zip(flat.chunks(2)) {
+                            let taken = redis::from_redis_value::<Option<String>>(pair[0].clone())?;
+                            let entry = redis::from_redis_value::<Option<Vec<u8>>>(pair[1].clone())?;
+                            out.push((i, taken.is_some(), entry));
+                        }
+                        Ok(out)
+                    }
+                }))
             })
             .await?;
-        Some(replies.into_iter().map(|(taken, entry)| (taken.is_some(), entry)).collect())
+        let mut out: Vec<(bool, Option<Vec<u8>>)> = vec![(false, None); lease_keys.len()];
+        for (i, taken, entry) in replies.into_iter().flatten() {
+            out[i] = (taken, entry);
+        }
+        Some(out)
     }
 
     /// Releases leases (best effort: they expire anyway).
@@ -163,18 +246,46 @@ impl L2 {
     /// outbox event id), atomically and never back, which invalidates every
     /// entry filled under an older token. The token outlives every entry
     /// (`ttl`), so an expired token can never bring an old entry back.
+    ///
+    /// On a cluster it then waits (`WAIT`, half the call's timeout) until a
+    /// replica of each master has the new tokens: replication is
+    /// asynchronous, and a master that failed over before passing a token
+    /// on would leave its replica serving entries the token had fenced off.
+    /// A master without a replica in time is counted, not retried for ever.
     pub async fn invalidate(&self, tag_keys: &[String], token: u64, ttl: Duration) -> bool {
         let script = redis::Script::new(ADVANCE_TOKENS);
-        self.call("invalidate", |mut c| async move {
-            let mut invocation = script.prepare_invoke();
-            for key in tag_keys {
-                invocation.key(key);
+        let groups = self.by_slot(tag_keys.iter().map(String::as_str));
+        let cluster = self.client.is_cluster();
+        let wait_ms = (self.client.timeout() / 2).as_millis().max(1) as u64;
+        let replicated: Option<i64> = self
+            .call("invalidate", |c| async move {
+                try_join_all(groups.iter().map(|group| {
+                    let mut invocation = script.prepare_invoke();
+                    for &i in group {
+                        invocation.key(&tag_keys[i]);
+                    }
+                    invocation.arg(token.to_string()).arg(ttl.as_millis().max(1) as u64);
+                    let mut c = c.clone();
+                    async move { invocation.invoke_async::<i64>(&mut c).await }
+                }))
+                .await?;
+                if !cluster {
+                    return Ok(1);
+                }
+                // Sent to every master; the answer is the fewest replicas
+                // that acknowledged this connection's writes.
+                let mut c = c;
+                redis::cmd("WAIT").arg(1).arg(wait_ms).query_async(&mut c).await
+            })
+            .await;
+        match replicated {
+            Some(0) => {
+                self.client.unreplicated();
+                true
             }
-            invocation.arg(token.to_string()).arg(ttl.as_millis().max(1) as u64);
-            invocation.invoke_async::<i64>(&mut c).await
-        })
-        .await
-        .is_some()
+            Some(_) => true,
+            None => false,
+        }
     }
 
     /// Records hot keys (encoded) with their rates in a sorted set.
@@ -209,6 +320,20 @@ impl L2 {
     }
 }
 
-fn parse_token(raw: Option<Vec<u8>>) -> u64 {
-    raw.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()).unwrap_or(0)
+/// A token or watermark (absent or unreadable = 0).
+fn parse(raw: Vec<u8>) -> u64 {
+    std::str::from_utf8(&raw).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_server_takes_a_batch_whole_and_a_cluster_one_command_per_slot() {
+        let keys = ["p:g:{o:1}", "p:v2:rt:{o:1}", "p:g:{o:2}", "p:v2:po:n:5:-:{o:1}", "p:g:{o:2}"];
+        assert_eq!(by_slot(false, keys.into_iter()), vec![vec![0, 1, 2, 3, 4]]);
+        assert_eq!(by_slot(true, keys.into_iter()), vec![vec![0, 1, 3], vec![2, 4]]);
+        assert!(by_slot(true, std::iter::empty()).is_empty());
+    }
 }

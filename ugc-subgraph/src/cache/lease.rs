@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::judge::{Freshness, Judged, Look};
-use super::l2::L2;
+use super::l2::{Fetched, L2};
 use super::{now_ms, CacheKey, CachedValue, Deadlines, Inner, Source, LEASE_POLL};
 
 impl<S: Source> Inner<S> {
@@ -28,7 +28,7 @@ impl<S: Source> Inner<S> {
             let prefix = self.l2_prefix();
             let entry_keys: Vec<String> = waiting.iter().map(|&i| keys[i].redis_key(&prefix)).collect();
             let tag_keys: Vec<String> = waiting.iter().map(|&i| keys[i].tag().redis_key(&prefix)).collect();
-            let Some((values, current)) = l2.mget(&entry_keys, &tag_keys).await else {
+            let Some(Fetched { values, tokens: current, .. }) = l2.mget(&entry_keys, &tag_keys, None).await else {
                 break;
             };
             let now = now_ms();

@@ -66,8 +66,8 @@ impl AppState {
     pub fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let store = Store::connect(&config.database, Arc::clone(&metrics))?;
-        let redis = match &config.redis_url {
-            Some(url) => Some(RedisClient::new(url, config.cache.redis_timeout, Arc::clone(&metrics))?),
+        let redis = match &config.redis {
+            Some(target) => Some(RedisClient::new(target, config.cache.redis_timeout, Arc::clone(&metrics))?),
             None => None,
         };
         let loaders = Loaders::build(&config, store.clone(), redis.clone(), Arc::clone(&metrics));

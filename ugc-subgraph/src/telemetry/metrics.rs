@@ -58,6 +58,8 @@ pub struct Metrics {
     pub redis_calls: Family<Labels, Counter>,
     /// Redis calls that failed or timed out, by operation.
     pub redis_errors: Family<Labels, Counter>,
+    /// Redis Cluster invalidations a master's replica did not acknowledge in time.
+    pub redis_unreplicated: Counter,
     /// Redis circuit breaker: 0 closed, 1 half-open, 2 open.
     pub redis_breaker_state: Gauge,
     /// Requests that waited for another request's load of the same key.
@@ -159,6 +161,7 @@ impl Metrics {
             l1_evictions: Counter::default(),
             redis_calls: Family::default(),
             redis_errors: Family::default(),
+            redis_unreplicated: Counter::default(),
             redis_breaker_state: Gauge::default(),
             singleflight_waits: Counter::default(),
             lease_contention: Counter::default(),
@@ -209,6 +212,11 @@ impl Metrics {
         registry.register("l1_evictions", "L1 entries evicted for size", m.l1_evictions.clone());
         registry.register("redis_calls", "Redis calls (round trips) made", m.redis_calls.clone());
         registry.register("redis_errors", "Redis calls failed or timed out", m.redis_errors.clone());
+        registry.register(
+            "redis_unreplicated_invalidations",
+            "Redis Cluster invalidations no replica acknowledged within the wait (a failover then could lose them)",
+            m.redis_unreplicated.clone(),
+        );
         registry.register(
             "redis_breaker_state",
             "Redis circuit: 0 closed, 1 half-open, 2 open",

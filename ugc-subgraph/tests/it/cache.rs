@@ -6,6 +6,7 @@ use std::time::Duration;
 use deadpool_redis::redis;
 use serde_json::{json, Value};
 use tokio::process::Command;
+use ugc_subgraph::cache::key::CacheKey;
 
 use crate::mutations::create;
 use crate::support::{error_code, eventually, token, TestApp};
@@ -97,8 +98,7 @@ async fn negative_results_get_the_shorter_ttl() {
         create(&app, "alice", "offer-x", 4, "present").await["data"]["createReview"]["id"].as_str().unwrap().to_owned();
     let read = format!("{{ a: review(id: \"{id}\") {{ id }} b: review(id: \"999999\") {{ id }} }}");
     app.gql(&read, json!({})).await;
-    let client = redis::Client::open(crate::support::redis_url()).unwrap();
-    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = crate::support::redis_conn().await;
     let ttl = |key: String| {
         let mut conn = conn.clone();
         async move { redis::cmd("PTTL").arg(key).query_async::<i64>(&mut conn).await.unwrap() }
@@ -106,14 +106,14 @@ async fn negative_results_get_the_shorter_ttl() {
     // An unknown id read once stays out of Redis (a random-id scan must not
     // fill it); read again after L1 lost it, it is shared.
     assert_eq!(
-        ttl(format!("{}:v1:r:999999", app.l2_prefix().await)).await,
+        ttl(CacheKey::Review(999_999).redis_key(&app.l2_prefix().await)).await,
         -2,
         "no L2 entry for a first negative read"
     );
     app.state.cache.invalidate_all_local();
     app.gql(&read, json!({})).await;
-    let positive = ttl(format!("{}:v1:r:{id}", app.l2_prefix().await)).await;
-    let negative = ttl(format!("{}:v1:r:999999", app.l2_prefix().await)).await;
+    let positive = ttl(CacheKey::Review(id.parse().unwrap()).redis_key(&app.l2_prefix().await)).await;
+    let negative = ttl(CacheKey::Review(999_999).redis_key(&app.l2_prefix().await)).await;
     println!("PTTL positive {positive} ms, negative {negative} ms");
     assert!(negative > 0 && negative <= 6_600, "negative: 5 s ±10 % + 1 s stale, got {negative}");
     assert!(positive > 60_000, "positive review entries live far longer, got {positive}");
@@ -254,10 +254,9 @@ async fn an_undecodable_l2_value_is_a_miss_not_an_error() {
     let a = TestApp::start().await;
     let id =
         create(&a, "alice", "offer-z", 5, "intact").await["data"]["createReview"]["id"].as_str().unwrap().to_owned();
-    let client = redis::Client::open(crate::support::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = crate::support::redis_conn().await;
     let _: () = redis::cmd("SET")
-        .arg(format!("{}:v1:r:{id}", a.l2_prefix().await))
+        .arg(CacheKey::Review(id.parse().unwrap()).redis_key(&a.l2_prefix().await))
         .arg(b"\xff\x00 not postcard".as_slice())
         .query_async(&mut conn)
         .await

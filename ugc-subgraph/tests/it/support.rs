@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use deadpool_redis::redis;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use ugc_subgraph::config::Config;
 use ugc_subgraph::http::state::AppState;
+use ugc_subgraph::redis::Conn;
 use ugc_subgraph::server;
 use ugc_subgraph::store::seed::SeedPlan;
 
@@ -20,6 +22,64 @@ pub const SECRET: &str = "integration-test-secret-0123456789";
 
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// `TEST_REDIS_CLUSTER_URLS`: run the instances on this Redis Cluster
+/// instead (`make test-cluster` starts one); tests that bring their own
+/// Redis keep it.
+pub fn redis_cluster_urls() -> Option<Vec<String>> {
+    let urls = std::env::var("TEST_REDIS_CLUSTER_URLS").ok()?;
+    Some(urls.split(',').map(str::to_owned).collect())
+}
+
+/// A connection to the Redis the instances use, as they connect to it.
+pub async fn redis_conn() -> Conn {
+    match redis_cluster_urls() {
+        Some(urls) => {
+            Conn::Cluster(redis::cluster::ClusterClient::new(urls).unwrap().get_async_connection().await.unwrap())
+        }
+        None => {
+            Conn::Single(redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap())
+        }
+    }
+}
+
+/// One URL per Redis server holding the instances' keys: the server, or
+/// each master of the cluster (`SCAN` sees one node's keys only).
+pub fn redis_nodes() -> Vec<String> {
+    let Some(urls) = redis_cluster_urls() else { return vec![redis_url()] };
+    let nodes: Result<String, _> = redis::Client::open(urls[0].as_str())
+        .and_then(|c| redis::cmd("CLUSTER").arg("NODES").query(&mut c.get_connection()?));
+    nodes
+        .map(|text| {
+            text.lines()
+                .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("master") && !f.contains("fail")))
+                .filter_map(|l| Some(format!("redis://{}", l.split(' ').nth(1)?.split('@').next()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every key matching `pattern`, from every node.
+pub fn redis_scan(pattern: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for node in redis_nodes() {
+        let Ok(mut conn) = redis::Client::open(node.as_str()).and_then(|c| c.get_connection()) else { continue };
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)): Result<(u64, Vec<String>), _> =
+                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).query(&mut conn)
+            else {
+                break;
+            };
+            found.extend(keys.into_iter().map(|k| (node.clone(), k)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    found
 }
 
 pub fn admin_url() -> String {
@@ -68,29 +128,26 @@ impl Drop for TestDb {
     }
 }
 
+fn group_by_node(keys: Vec<(String, String)>) -> HashMap<String, Vec<String>> {
+    let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
+    for (node, key) in keys {
+        by_node.entry(node).or_default().push(key);
+    }
+    by_node
+}
+
 /// Deletes every Redis key under `prefix` and, when `database` is given,
 /// drops it (terminating the stopped instances' idle connections).
 fn clean_up(prefix: &str, database: Option<&str>) {
-    if let Ok(mut conn) = deadpool_redis::redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
-        let mut cursor = 0u64;
-        loop {
-            let Ok((next, keys)): Result<(u64, Vec<String>), _> = deadpool_redis::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut conn)
-            else {
-                break;
-            };
-            if !keys.is_empty() {
-                let _: Result<i64, _> = deadpool_redis::redis::cmd("DEL").arg(&keys).query(&mut conn);
+    // One key per DEL: a cluster node refuses keys of several slots.
+    let keys = redis_scan(&format!("{prefix}:*"));
+    for (node, keys) in group_by_node(keys) {
+        if let Ok(mut conn) = redis::Client::open(node.as_str()).and_then(|c| c.get_connection()) {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("DEL").arg(key).ignore();
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+            let _: Result<(), _> = pipe.query(&mut conn);
         }
     }
     if let Some(name) = database {
@@ -154,7 +211,6 @@ impl TestApp {
         let prefix = format!("t{}", db_url.rsplit('/').next().unwrap());
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), db_url.to_owned()),
-            ("REDIS_URL".into(), redis_url()),
             // Instances started on one database share a key prefix (they are
             // one deployment); different tests never do.
             ("UGC_CACHE_PREFIX".into(), prefix.clone()),
@@ -185,6 +241,13 @@ impl TestApp {
         // Heartbeats every 3 s, L1 kept for 6 s after one: a heartbeat
         // delayed by a loaded shared Postgres must not close L1 mid-test.
         env.push(("UGC_INSTANCE_LEASE_MS".into(), "9000".into()));
+        // A test that brings its own Redis keeps it.
+        if !vars.iter().any(|(k, _)| *k == "REDIS_URL") {
+            env.push(match redis_cluster_urls() {
+                Some(urls) => ("REDIS_CLUSTER_URLS".into(), urls.join(",")),
+                None => ("REDIS_URL".into(), redis_url()),
+            });
+        }
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(env).expect("valid test configuration");
         let state = AppState::build(config).unwrap();
@@ -297,25 +360,9 @@ impl TestApp {
     /// Cache keys in Redis under this deployment's prefix (a maintenance
     /// `SCAN`; rate-limit state aside).
     pub async fn redis_keys(&self) -> usize {
-        let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let (mut cursor, mut count) = (0u64, 0);
-        loop {
-            let (next, keys): (u64, Vec<String>) = deadpool_redis::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}:*", self.prefix))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            count += keys.iter().filter(|k| !k.contains(":rl:")).count();
-            if next == 0 {
-                return count;
-            }
-            cursor = next;
-        }
+        let pattern = format!("{}:*", self.prefix);
+        let keys = tokio::task::spawn_blocking(move || redis_scan(&pattern)).await.unwrap();
+        keys.iter().filter(|(_, k)| !k.contains(":rl:")).count()
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
