@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := target/release/ugc-subgraph
 SHARED ?= ../shared
 
-.PHONY: help run test bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools drills soak capacity
+.PHONY: help run test test-cluster bench k6 bench-tools services db build release migrate seed token schema contract lint fmt gateway-deps gateway clean-test-dbs stack stack-check deploy-tools drills soak capacity
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,10 +24,23 @@ run: services release db ## Set up everything, seed a small dataset on an empty 
 	@echo "GraphiQL: http://$(UGC_LISTEN)/graphql"
 	UGC_GRAPHIQL=on UGC_INTROSPECTION=on $(BIN) serve
 
-test: services gateway-deps deploy-tools clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end, deployment files, the native stack)
+test: services gateway-deps deploy-tools clean-test-dbs ## Run the whole test suite (unit, integration, gateway end-to-end, deployment files, the native stack, the integration suite again on a Redis Cluster)
 	$(CARGO) test --workspace --locked
+	$(MAKE) --no-print-directory test-cluster
 	BIN=target/debug/ugc-subgraph scripts/stack.sh check
 	@if [ -f $(SHARED)/tools/contract_check.py ]; then $(MAKE) --no-print-directory contract; fi
+
+# The suites whose instances use the shared Redis, again with L2 on a private
+# Redis Cluster (3 masters, 3 replicas); the tests that bring their own
+# servers or none (gateway, deploy files, schema, traces, the binary's
+# lifecycle, the cluster's own failover tests) ran above.
+CLUSTER_SKIP := gateway:: deploy:: schema:: traces:: lifecycle:: redis_cluster::
+test-cluster: services ## The integration suite with L2 on a private Redis Cluster (started and stopped here)
+	@dir=$$(mktemp -d /tmp/ugc-redis-cluster.XXXXXX); \
+	urls=$$(scripts/redis-cluster.sh start $$dir/nodes auto) || exit 1; \
+	echo "Redis Cluster: $$urls"; \
+	TEST_REDIS_CLUSTER_URLS=$$urls $(CARGO) test --locked -p ugc-subgraph --test it -- $(foreach t,$(CLUSTER_SKIP),--skip $(t)); \
+	rc=$$?; scripts/redis-cluster.sh stop $$dir/nodes; rm -rf $$dir; exit $$rc
 
 stack: services release gateway-deps deploy-tools ## The compose topology from native processes: Postgres, Redis, 2 instances (:4001, :4011), offers, gateway (:4000), Prometheus (:9090); Ctrl-C stops it
 	scripts/stack.sh run

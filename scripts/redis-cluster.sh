@@ -4,6 +4,7 @@
 # create`), ports BASE..BASE+5 (cluster bus: +10000), data under DIR.
 #
 #   scripts/redis-cluster.sh start DIR BASE   prints the seed URLs, comma-separated
+#                                             (BASE auto: the first free one from 21000)
 #   scripts/redis-cluster.sh stop DIR         stops every node, deletes DIR
 #
 # Node timeout 1 s (NODE_TIMEOUT_MS) so a killed master fails over within a
@@ -16,6 +17,16 @@ dir=${2:?DIR}
 case $cmd in
 start)
   base=${3:?BASE}
+  if [ "$base" = auto ]; then
+    in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+    for base in $(seq 21000 10 29990); do
+      free=1
+      for i in 0 1 2 3 4 5; do
+        if in_use $((base + i)) || in_use $((base + i + 10000)); then free=0; break; fi
+      done
+      [ "$free" = 1 ] && break
+    done
+  fi
   mkdir -p "$dir"
   nodes=()
   for i in 0 1 2 3 4 5; do

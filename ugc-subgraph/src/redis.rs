@@ -17,13 +17,16 @@
 pub mod breaker;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::aio::{ConnectionLike, MultiplexedConnection};
+use deadpool_redis::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use deadpool_redis::redis::cluster_async::ClusterConnection;
 use deadpool_redis::redis::{self, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use deadpool_redis::{Config as PoolConfig, Runtime};
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::config::RedisTarget;
@@ -35,10 +38,14 @@ use breaker::{Breaker, State};
 const BREAKER_THRESHOLD: u32 = 5;
 const BREAKER_COOL_DOWN: Duration = Duration::from_secs(1);
 
-/// A Redis URL that cannot be used (one server or a cluster alike).
+/// A Redis URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("Redis: {0}")]
-pub struct SetupError(#[from] deadpool_redis::CreatePoolError);
+pub enum SetupError {
+    #[error("REDIS_URL: {0}")]
+    Single(#[from] deadpool_redis::CreatePoolError),
+    #[error("REDIS_CLUSTER_URLS: {0}")]
+    Cluster(#[source] redis::RedisError),
+}
 
 /// Cheap to clone: one connection and one breaker per instance.
 #[derive(Clone)]
@@ -84,12 +91,32 @@ impl ConnectionLike for Conn {
 
 enum Pool {
     Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    /// The redis crate's cluster client, not deadpool-redis's cluster pool:
+    /// that one takes no retry settings, and the crate's default (16
+    /// retries, exponential back-off) holds a batch for seconds on a
+    /// `TRYAGAIN` while a slot migrates. One connection serves all calls,
+    /// as for one server; the client creates it again after a failure.
+    Cluster(Box<ClusterClient>),
 }
+
+/// Redirects (`ASK`, then `MOVED`) each use a retry; a `TRYAGAIN` (a
+/// multi-key command on a slot half-migrated) is retried once, 1–10 ms
+/// later, then it is a miss like any failure.
+const CLUSTER_RETRIES: u32 = 3;
+
+/// A cluster connection is built again at most this often while calls fail.
+const CLUSTER_RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// How long building one (connecting to the nodes, reading the slots) may take.
+const CLUSTER_BUILD_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Inner {
     pool: Pool,
     conn: Mutex<Option<Conn>>,
+    /// When a cluster connection was last asked for, and whether it is
+    /// being built now; waiters are woken when the build ends.
+    rebuilt_at: Mutex<Option<Instant>>,
+    rebuilding: AtomicBool,
+    rebuilt: Notify,
     breaker: Breaker,
     timeout: Duration,
     metrics: Arc<Metrics>,
@@ -101,32 +128,63 @@ impl RedisClient {
     /// # Errors
     /// A URL deadpool-redis cannot use.
     pub fn new(target: &RedisTarget, timeout: Duration, metrics: Arc<Metrics>) -> Result<Self, SetupError> {
-        let mut pool_config = deadpool_redis::PoolConfig::new(4);
-        pool_config.timeouts.wait = Some(timeout * 4);
-        pool_config.timeouts.create = Some(Duration::from_millis(500));
         let pool = match target {
             RedisTarget::Single(url) => {
                 let mut config = PoolConfig::from_url(url);
-                config.pool = Some(pool_config);
+                let mut pool = deadpool_redis::PoolConfig::new(4);
+                pool.timeouts.wait = Some(timeout * 4);
+                pool.timeouts.create = Some(Duration::from_millis(500));
+                config.pool = Some(pool);
                 Pool::Single(config.create_pool(Some(Runtime::Tokio1))?)
             }
-            RedisTarget::Cluster(urls) => {
-                // Reads go to the masters: a replica's copy of a token can
-                // be behind, and the fence must read the newest one.
-                let mut config = deadpool_redis::cluster::Config::from_urls(urls.clone());
-                config.pool = Some(pool_config);
-                Pool::Cluster(config.create_pool(Some(deadpool_redis::cluster::Runtime::Tokio1))?)
-            }
+            // Reads go to the masters (the builder's default): a replica's
+            // copy of a token can be behind, and the fence must read the
+            // newest one.
+            RedisTarget::Cluster(urls) => Pool::Cluster(Box::new(
+                ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    .retries(CLUSTER_RETRIES)
+                    .min_retry_wait(1)
+                    .max_retry_wait(10)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(SetupError::Cluster)?,
+            )),
         };
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 conn: Mutex::new(None),
+                rebuilt_at: Mutex::new(None),
+                rebuilding: AtomicBool::new(false),
+                rebuilt: Notify::new(),
                 breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
                 timeout,
                 metrics,
             }),
         })
+    }
+
+    /// A client of the same Redis on a connection of its own, with its own
+    /// breaker: for calls that block their connection (`WAIT`), which on
+    /// the shared multiplexed one would hold up every read queued behind.
+    pub fn separate(&self) -> Self {
+        let pool = match &self.inner.pool {
+            Pool::Single(pool) => Pool::Single(pool.clone()),
+            Pool::Cluster(client) => Pool::Cluster(client.clone()),
+        };
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                conn: Mutex::new(None),
+                rebuilt_at: Mutex::new(None),
+                rebuilding: AtomicBool::new(false),
+                rebuilt: Notify::new(),
+                breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
+                timeout: self.inner.timeout,
+                metrics: Arc::clone(&self.inner.metrics),
+            }),
+        }
     }
 
     /// Whether keys of different hash slots must go in different commands.
@@ -149,15 +207,54 @@ impl RedisClient {
     }
 
     async fn connection(&self) -> Option<Conn> {
-        if let Some(conn) = self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Some(conn.clone());
+        let current = || self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(conn) = current() {
+            return Some(conn);
         }
         let detached = match &self.inner.pool {
             Pool::Single(pool) => Conn::Single(deadpool_redis::Connection::take(pool.get().await.ok()?)),
-            Pool::Cluster(pool) => Conn::Cluster(deadpool_redis::cluster::Connection::take(pool.get().await.ok()?)),
+            Pool::Cluster(_) => {
+                // Built in the background (a call's timeout must not cut a
+                // build short, or a slow cluster is never connected to);
+                // this call waits for it within its own timeout.
+                let woken = std::pin::pin!(self.inner.rebuilt.notified());
+                let mut woken = woken;
+                woken.as_mut().enable();
+                self.rebuild_cluster(true);
+                woken.await;
+                return current();
+            }
         };
         *self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(detached.clone());
         Some(detached)
+    }
+
+    /// Builds a new cluster connection from the seed nodes, in the
+    /// background, keeping the current one in use meanwhile; at most once a
+    /// second unless `now`.
+    fn rebuild_cluster(&self, now: bool) {
+        let Pool::Cluster(client) = &self.inner.pool else { return };
+        {
+            let mut at = self.inner.rebuilt_at.lock().unwrap_or_else(|e| e.into_inner());
+            if !now && at.is_some_and(|at| at.elapsed() < CLUSTER_RECONNECT_EVERY) {
+                return;
+            }
+            if self.inner.rebuilding.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let (client, inner) = (client.clone(), Arc::clone(&self.inner));
+        tokio::spawn(async move {
+            let built = tokio::time::timeout(CLUSTER_BUILD_TIMEOUT, client.get_async_connection()).await;
+            match built {
+                Ok(Ok(conn)) => *inner.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn::Cluster(conn)),
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis cluster: could not connect to the seed nodes"),
+                Err(_) => tracing::warn!("redis cluster: connecting to the seed nodes timed out"),
+            }
+            inner.rebuilding.store(false, Ordering::Release);
+            inner.rebuilt.notify_waiters();
+        });
     }
 
     /// Runs one Redis operation under the breaker and the timeout; `None`
@@ -200,9 +297,14 @@ impl RedisClient {
                 let opened = inner.breaker.failure();
                 // A broken or slow connection is replaced on next use. A
                 // cluster connection reconnects to its nodes itself (one
-                // failing master must not cost the others' connections):
-                // replaced only when the circuit opens.
-                if !self.is_cluster() || opened {
+                // failing master must not cost the others' connections),
+                // but it learns a new topology only from redirects: after a
+                // master died and its replica took over, calls to that
+                // master's slots fail until it is built again from the seed
+                // nodes, which happens in the background, at most once a second.
+                if self.is_cluster() {
+                    self.rebuild_cluster(false);
+                } else {
                     *inner.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 if opened {

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_redis::redis;
-use futures::future::try_join_all;
-use redis::cluster_routing::Slot;
+use futures::future::{join_all, try_join_all};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 
 use crate::redis::{BreakerState as State, Conn, RedisClient};
 
@@ -74,9 +74,20 @@ pub struct Fetched {
     pub watermark: u64,
 }
 
+/// A lease reply: the key's index in the batch, whether the lease was
+/// taken, the entry as it is now.
+type LeaseReply = (usize, bool, Option<Vec<u8>>);
+
 pub struct L2 {
     client: RedisClient,
+    /// Invalidations, on a cluster: their `WAIT` blocks its connection.
+    invalidations: RedisClient,
 }
+
+/// The longest an invalidation waits for a replica's acknowledgement (they
+/// come back in well under a millisecond; a master without a replica costs
+/// this per invalidation, counted in `ugc_redis_unreplicated_invalidations_total`).
+const REPLICA_WAIT: Duration = Duration::from_millis(20);
 
 /// Indices of `keys` grouped by hash slot, in first-seen order; one group
 /// of all of them when Redis is a single server.
@@ -98,7 +109,8 @@ fn by_slot<'a>(cluster: bool, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<us
 
 impl L2 {
     pub fn new(client: RedisClient) -> Self {
-        Self { client }
+        let invalidations = if client.is_cluster() { client.separate() } else { client.clone() };
+        Self { client, invalidations }
     }
 
     pub fn state(&self) -> State {
@@ -203,7 +215,7 @@ impl L2 {
         owner: &str,
     ) -> Option<Vec<(bool, Option<Vec<u8>>)>> {
         let groups = self.by_slot(lease_keys.iter().map(String::as_str));
-        let replies: Vec<Vec<(usize, bool, Option<Vec<u8>>)>> = self
+        let replies: Vec<Vec<LeaseReply>> = self
             .call("lease", |c| {
                 try_join_all(groups.iter().map(|group| {
                     let mut pipe = redis::pipe();
@@ -247,8 +259,8 @@ impl L2 {
     /// entry filled under an older token. The token outlives every entry
     /// (`ttl`), so an expired token can never bring an old entry back.
     ///
-    /// On a cluster it then waits (`WAIT`, half the call's timeout) until a
-    /// replica of each master has the new tokens: replication is
+    /// On a cluster it then waits (`WAIT`, at most [`REPLICA_WAIT`]) until a
+    /// replica of each master written to has the new tokens: replication is
     /// asynchronous, and a master that failed over before passing a token
     /// on would leave its replica serving entries the token had fenced off.
     /// A master without a replica in time is counted, not retried for ever.
@@ -256,34 +268,42 @@ impl L2 {
         let script = redis::Script::new(ADVANCE_TOKENS);
         let groups = self.by_slot(tag_keys.iter().map(String::as_str));
         let cluster = self.client.is_cluster();
-        let wait_ms = (self.client.timeout() / 2).as_millis().max(1) as u64;
-        let replicated: Option<i64> = self
+        let wait_ms = REPLICA_WAIT.min(self.client.timeout() / 2).as_millis().max(1) as u64;
+        let replicated: Option<Vec<bool>> = self
+            .invalidations
             .call("invalidate", |c| async move {
-                try_join_all(groups.iter().map(|group| {
+                // Every slot's part runs to its end even when another
+                // fails: a master that is down must not keep the others'
+                // entries from being invalidated (they are read meanwhile).
+                let parts = join_all(groups.iter().map(|group| {
                     let mut invocation = script.prepare_invoke();
                     for &i in group {
                         invocation.key(&tag_keys[i]);
                     }
                     invocation.arg(token.to_string()).arg(ttl.as_millis().max(1) as u64);
                     let mut c = c.clone();
-                    async move { invocation.invoke_async::<i64>(&mut c).await }
+                    let first = group.first().map(|&i| tag_keys[i].as_str());
+                    async move {
+                        invocation.invoke_async::<i64>(&mut c).await?;
+                        match (c, first) {
+                            (Conn::Cluster(mut c), Some(key)) if cluster => {
+                                Ok(wait_for_replica(&mut c, key, wait_ms).await)
+                            }
+                            _ => Ok(true),
+                        }
+                    }
                 }))
-                .await?;
-                if !cluster {
-                    return Ok(1);
-                }
-                // Sent to every master; the answer is the fewest replicas
-                // that acknowledged this connection's writes.
-                let mut c = c;
-                redis::cmd("WAIT").arg(1).arg(wait_ms).query_async(&mut c).await
+                .await;
+                parts.into_iter().collect::<redis::RedisResult<Vec<bool>>>()
             })
             .await;
         match replicated {
-            Some(0) => {
-                self.client.unreplicated();
+            Some(acks) => {
+                if acks.contains(&false) {
+                    self.invalidations.unreplicated();
+                }
                 true
             }
-            Some(_) => true,
             None => false,
         }
     }
@@ -318,6 +338,16 @@ impl L2 {
     pub async fn ping(&self) -> bool {
         self.client.ping().await
     }
+}
+
+/// `WAIT 1` at the master of `key`'s slot, on the connection that wrote
+/// to it: whether a replica has everything written there so far. The
+/// tokens are applied whatever it says; a failed `WAIT` is a `false`.
+async fn wait_for_replica(c: &mut redis::cluster_async::ClusterConnection, key: &str, wait_ms: u64) -> bool {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(1).arg(wait_ms);
+    let master = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master)));
+    c.route_command(wait, master).await.is_ok_and(|acks| redis::from_redis_value::<i64>(acks).is_ok_and(|n| n >= 1))
 }
 
 /// A token or watermark (absent or unreadable = 0).

@@ -14,6 +14,7 @@ mod lifecycle;
 mod mutations;
 mod protection;
 mod reads;
+mod redis_cluster;
 mod replica;
 mod router_cache;
 mod schema;

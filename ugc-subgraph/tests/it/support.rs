@@ -242,7 +242,7 @@ impl TestApp {
         // delayed by a loaded shared Postgres must not close L1 mid-test.
         env.push(("UGC_INSTANCE_LEASE_MS".into(), "9000".into()));
         // A test that brings its own Redis keeps it.
-        if !vars.iter().any(|(k, _)| *k == "REDIS_URL") {
+        if !vars.iter().any(|(k, _)| *k == "REDIS_URL" || *k == "REDIS_CLUSTER_URLS") {
             env.push(match redis_cluster_urls() {
                 Some(urls) => ("REDIS_CLUSTER_URLS".into(), urls.join(",")),
                 None => ("REDIS_URL".into(), redis_url()),
