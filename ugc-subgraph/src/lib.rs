@@ -26,8 +26,8 @@
 //! - [`cache`]: the tiered cache (moka L1, Redis L2): fenced fills, single-flight, leases,
 //!   stale serving, XFetch, hot keys, negative results on their own budget, the L1 gate
 //!   ([`cache::L1Gate`]: no L1 while the instance may be behind); knows nothing about SQL.
-//! - [`redis`]: the instance's one Redis client (timeouts, circuit breaker), shared by L2 and the
-//!   rate limits.
+//! - [`redis`]: the instance's one Redis client, one server or a Redis Cluster (timeouts, circuit
+//!   breaker), shared by L2 and the rate limits.
 //! - [`store`]: all SQL: batched reads, keyset pages, transactional writes (with idempotency keys),
 //!   the live-instance registry, seeding.
 //! - [`domain`]: entities, validation rules, permissions, cursors (pure code).
