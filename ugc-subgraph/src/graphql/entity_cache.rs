@@ -10,6 +10,11 @@
 //! of them are current. Any event that invalidates the data invalidates the
 //! fragment (same stripes, same fan-out, same fencing).
 //!
+//! The root fields `offer(id:)`, `user(id:)` and `review(id:)` are served
+//! the same way when one of them is the query's only root field (alias
+//! allowed): one fragment per (text, id, other variables' values), rendered
+//! by executing the request as it is.
+//!
 //! `Offer` and `User` entities: nothing under them depends on who asks
 //! (lists hold published reviews only). `Review` entities too, but a
 //! rendering that looked past the public cache (the review is not public:
@@ -90,14 +95,35 @@ pub struct Served {
     pub private: bool,
 }
 
-/// The variable that carries the representations, when the query
-/// qualifies, and the parsed document (parsed once for all renders).
+/// What a qualifying query asks for, and the parsed document (parsed once
+/// for all renders).
 struct Shape {
-    variable: Name,
+    root: Root,
     /// The operation's other variables, with their defaults.
-    extra: Vec<(Name, Option<GqlValue>)>,
+    extra: Extra,
     document: ExecutableDocument,
 }
+
+/// Variables (name, default) that key a fragment by their values.
+type Extra = Vec<(Name, Option<GqlValue>)>;
+
+/// The one root field of a qualifying query.
+enum Root {
+    /// `_entities(representations: $variable)`.
+    Entities { variable: Name },
+    /// `offer(id:)`, `user(id:)` or `review(id:)`, answered under `key`
+    /// (its alias or name).
+    Field { key: Name, typename: &'static str, id: IdArg },
+}
+
+/// The `id` argument of a root field: written in the text, or a variable.
+enum IdArg {
+    Literal(String),
+    Variable(Name),
+}
+
+/// Root fields served from fragments, and the entity type each returns.
+const ROOT_FIELDS: [(&str, &str); 3] = [("offer", "Offer"), ("user", "User"), ("review", "Review")];
 
 /// What is known of one query text (with its operation name). The text is
 /// kept and compared on every lookup: two texts whose 64-bit hashes collide
@@ -182,7 +208,13 @@ impl EntityCache {
         }
         let known = self.shape(&request.query, request.operation_name.as_deref())?;
         let shape = known.shape.as_ref()?;
-        let GqlValue::List(reps) = request.variables.get(&shape.variable)? else { return None };
+        let variable = match &shape.root {
+            Root::Entities { variable } => variable,
+            Root::Field { key, typename, id } => {
+                return self.execute_field(schema, request, &known, shape, auth, (key, typename, id)).await;
+            }
+        };
+        let GqlValue::List(reps) = request.variables.get(variable)? else { return None };
         let vars: Arc<str> = if shape.extra.is_empty() { Arc::from("") } else { extra_values(shape, request)?.into() };
         let mut keys = Vec::with_capacity(reps.len());
         for rep in reps {
@@ -210,7 +242,7 @@ impl EntityCache {
         span.record("misses", missing.len());
         if !missing.is_empty() {
             let reps: Vec<&GqlValue> = missing.iter().map(|&i| &reps[i]).collect();
-            match self.render(schema, request, shape, auth, &reps).instrument(span.clone()).await {
+            match self.render(schema, request, shape, variable, auth, &reps).instrument(span.clone()).await {
                 Rendered::Fragments(fragments) => {
                     for (&i, fragment) in missing.iter().zip(fragments) {
                         // Fenced: a fragment whose reads were invalidated
@@ -271,6 +303,96 @@ impl EntityCache {
         Some(Served { body, fresh_for, failed: false, private })
     }
 
+    /// A root field (`offer(id:)`, `user(id:)`, `review(id:)`) from its
+    /// fragment, or rendered by executing the request as it is, recording
+    /// what it read; kept on the same terms as an entity's fragment.
+    async fn execute_field(
+        &self,
+        schema: &UgcSchema,
+        request: &async_graphql::Request,
+        known: &Known,
+        shape: &Shape,
+        auth: &RequestAuth,
+        (key, typename, id): (&Name, &'static str, &IdArg),
+    ) -> Option<Served> {
+        let id = match id {
+            IdArg::Literal(id) => id.clone(),
+            IdArg::Variable(name) => match request.variables.get(name) {
+                Some(GqlValue::String(id)) => id.clone(),
+                _ => return None,
+            },
+        };
+        let vars: Arc<str> = if shape.extra.is_empty() { Arc::from("") } else { extra_values(shape, request)?.into() };
+        let fragment_key = FragmentKey { query: known.serial, vars, typename, id };
+        let now = Instant::now();
+        let hit = self.fragments.get(&fragment_key).filter(|f| f.expires > now && self.cache.tokens_current(&f.deps));
+        self.metrics.cache("entity", typename, if hit.is_some() { "hit" } else { "miss" });
+        if let Some(fragment) = hit {
+            return Some(self.field_body(key, &fragment));
+        }
+
+        let mut sub =
+            async_graphql::Request::new(request.query.clone()).variables(request.variables.clone()).data(auth.clone());
+        if let Some(name) = &request.operation_name {
+            sub = sub.operation_name(name.clone());
+        }
+        sub.set_parsed_query(shape.document.clone());
+        let recorder = Recorder::default();
+        let response = recording(recorder.clone(), schema.execute(sub))
+            .instrument(crate::child_span!("entity_cache", entities = 1))
+            .await;
+        let deps = recorder.take();
+        if !response.errors.is_empty() {
+            // A request error (no data) is cheap to reach again on the
+            // normal path, which answers it as such; field errors are this
+            // request's answer, not executed twice.
+            if matches!(response.data, GqlValue::Null) {
+                return None;
+            }
+            let body = serde_json::to_string(&response).ok()?;
+            return Some(Served { body, fresh_for: Duration::ZERO, failed: true, private: false });
+        }
+        let GqlValue::Object(mut data) = response.data else { return None };
+        let value = data.shift_remove(key)?;
+        let rendered_at = Instant::now();
+        let expires = deps.fresh_until.map_or(rendered_at, |t| t.min(rendered_at + self.cache.ttl()));
+        let tags = if self.router_tags { router_tags(&deps.tags) } else { Box::from("") };
+        let fragment = Arc::new(Fragment {
+            json: serde_json::to_string(&value).ok()?.into(),
+            deps: deps.tags,
+            expires,
+            tags,
+            private: deps.private,
+        });
+        if fragment.private {
+            // This viewer's answer only.
+        } else if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
+            self.fragments.insert(fragment_key, Arc::clone(&fragment));
+        } else {
+            self.metrics.fills_refused.get_or_create(&[("layer", "entity")]).inc();
+        }
+        Some(self.field_body(key, &fragment))
+    }
+
+    /// `{"data":{key:fragment}}`, with the router's tags when answers carry them.
+    fn field_body(&self, key: &Name, fragment: &Fragment) -> Served {
+        let mut body = String::with_capacity(fragment.json.len() + fragment.tags.len() + key.len() + 64);
+        body.push_str(r#"{"data":{""#);
+        // A GraphQL name: letters, digits and `_`, nothing to escape.
+        body.push_str(key);
+        body.push_str(r#"":"#);
+        body.push_str(&fragment.json);
+        body.push('}');
+        if self.router_tags {
+            body.push_str(r#","extensions":{"apolloCacheTags":"#);
+            body.push_str(&fragment.tags);
+            body.push('}');
+        }
+        body.push('}');
+        let fresh_for = fragment.expires.saturating_duration_since(Instant::now());
+        Served { body, fresh_for, failed: false, private: fragment.private }
+    }
+
     /// Renders the missing entities, one fragment each with its own
     /// dependencies.
     ///
@@ -288,12 +410,13 @@ impl EntityCache {
         schema: &UgcSchema,
         request: &async_graphql::Request,
         shape: &Shape,
+        variable: &Name,
         auth: &RequestAuth,
         reps: &[&GqlValue],
     ) -> Rendered {
         let mut failure = None;
         for _ in 0..MAX_LEVELS {
-            let all = sub_request(request, shape, auth, reps.iter().map(|&r| r.clone()));
+            let all = sub_request(request, shape, variable, auth, reps.iter().map(|&r| r.clone()));
             let (_, keys) = discovering(schema.execute(all)).await;
             if keys.is_empty() {
                 break;
@@ -311,7 +434,7 @@ impl EntityCache {
             }
         }
         let renders = reps.iter().map(|&rep| {
-            let sub = sub_request(request, shape, auth, [rep.clone()]);
+            let sub = sub_request(request, shape, variable, auth, [rep.clone()]);
             let recorder = Recorder::default();
             let failure = failure.clone();
             async move {
@@ -385,11 +508,12 @@ impl Fragment {
 fn sub_request(
     request: &async_graphql::Request,
     shape: &Shape,
+    variable: &Name,
     auth: &RequestAuth,
     reps: impl IntoIterator<Item = GqlValue>,
 ) -> async_graphql::Request {
     let mut variables: async_graphql::indexmap::IndexMap<Name, GqlValue> =
-        [(shape.variable.clone(), GqlValue::List(reps.into_iter().collect()))].into_iter().collect();
+        [(variable.clone(), GqlValue::List(reps.into_iter().collect()))].into_iter().collect();
     for (name, _) in &shape.extra {
         if let Some(value) = request.variables.get(name) {
             variables.insert(name.clone(), value.clone());
@@ -500,6 +624,10 @@ fn qualify(query: &str, operation: Option<&str>) -> Option<Shape> {
         return None;
     };
     let root = &root.node;
+    if let Some(&(_, typename)) = ROOT_FIELDS.iter().find(|(name, _)| root.name.node == *name) {
+        let (root, extra) = qualify_field(root, typename, op)?;
+        return Some(Shape { root, extra, document: doc });
+    }
     if root.alias.is_some() || root.name.node != "_entities" || !root.directives.is_empty() || root.arguments.len() != 1
     {
         return None;
@@ -537,7 +665,35 @@ fn qualify(query: &str, operation: Option<&str>) -> Option<Shape> {
                     .is_some_and(|f| on_known_type(&f.node.type_condition.node.on.node))
         }
     });
-    (allowed && defines_representations).then(|| Shape { variable, extra, document: doc })
+    (allowed && defines_representations).then(|| Shape { root: Root::Entities { variable }, extra, document: doc })
+}
+
+/// `offer(id: …)`, `user(id: …)` or `review(id: …)` as the only root field,
+/// without directives, `id` a string or a variable; what it selects is
+/// part of the text (its types' answers depend on the viewer only where
+/// the loaders say so, and then nothing is kept).
+fn qualify_field(
+    root: &async_graphql::parser::types::Field,
+    typename: &'static str,
+    op: &async_graphql::parser::types::OperationDefinition,
+) -> Option<(Root, Extra)> {
+    if !root.directives.is_empty() || root.arguments.len() != 1 || root.arguments[0].0.node != "id" {
+        return None;
+    }
+    let id = match &root.arguments[0].1.node {
+        async_graphql_value::Value::String(id) => IdArg::Literal(id.clone()),
+        async_graphql_value::Value::Variable(v) => IdArg::Variable(v.clone()),
+        _ => return None,
+    };
+    let extra = op
+        .variable_definitions
+        .iter()
+        .map(|d| &d.node)
+        .filter(|d| !matches!(&id, IdArg::Variable(v) if *v == d.name.node))
+        .map(|d| (d.name.node.clone(), d.default_value.as_ref().map(|v| v.node.clone())))
+        .collect();
+    let key = root.alias.as_ref().map_or_else(|| root.name.node.clone(), |a| a.node.clone());
+    Some((Root::Field { key, typename, id }, extra))
 }
 
 #[cfg(test)]
@@ -559,7 +715,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(shape.variable.as_str(), "r");
+        assert!(matches!(&shape.root, Root::Entities { variable } if variable.as_str() == "r"));
         let extra: Vec<(&str, Option<String>)> =
             shape.extra.iter().map(|(n, d)| (n.as_str(), d.as_ref().map(ToString::to_string))).collect();
         assert_eq!(extra, [("n", Some("5".to_owned())), ("f", None)]);
@@ -571,11 +727,27 @@ mod tests {
             "query($r: [_Any!]!) @cached { _entities(representations: $r) { ... on Offer { id } } }",
             "query { _entities(representations: [{ __typename: \"Offer\", id: \"x\" }]) { ... on Offer { id } } }",
             "mutation($r: [_Any!]!) { _entities(representations: $r) { ... on Offer { id } } }",
-            "{ offer(id: \"x\") { id } }",
+            "{ offer(id: \"x\") { id } user(id: \"u\") { id } }",
+            "{ offer(id: \"x\") @skip(if: false) { id } }",
+            "{ offer(id: 5) { id } }",
+            "{ offers { id } }",
             "not graphql",
         ] {
             assert!(qualify(bad, None).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_lone_root_field_by_id_qualifies_with_its_key_and_other_variables() {
+        let shape =
+            qualify("query($id: ID!, $n: Int = 3) { o: offer(id: $id) { reviews(first: $n) { totalCount } } }", None)
+                .unwrap();
+        let Root::Field { key, typename, id: IdArg::Variable(id) } = &shape.root else { panic!("a root field") };
+        assert_eq!((key.as_str(), *typename, id.as_str()), ("o", "Offer", "id"));
+        assert_eq!(shape.extra.len(), 1, "the id is the key's own part, $n an extra");
+        let shape = qualify("{ review(id: \"7\") { text } }", None).unwrap();
+        assert!(matches!(&shape.root, Root::Field { typename: "Review", id: IdArg::Literal(id), .. } if id == "7"));
+        assert!(qualify("mutation { review(id: \"7\") { text } }", None).is_none());
     }
 
     #[tokio::test]

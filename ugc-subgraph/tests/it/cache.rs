@@ -165,7 +165,8 @@ async fn stale_values_are_served_while_postgres_fails() {
 
 #[tokio::test]
 async fn hot_keys_are_recorded_and_warmed_into_a_new_instance() {
-    let a = TestApp::start_with(&[("UGC_HOT_KEY_PER_SEC", "5")]).await;
+    // The data cache's hot keys: no rendered fragments in front.
+    let a = TestApp::start_with(&[("UGC_HOT_KEY_PER_SEC", "5"), ("UGC_ENTITY_CACHE", "off")]).await;
     a.seed(5, 50, 100).await;
     let query = "{ offer(id: \"offer-000001\") { rating { count } } }";
     for _ in 0..20 {

@@ -360,7 +360,9 @@ async fn concurrent_writers_and_readers_find_no_stale_read_after_the_window() {
 
 #[tokio::test]
 async fn the_stale_read_detector_flags_a_cache_that_missed_an_invalidation() {
-    let a = TestApp::start_with(&[("UGC_STALE_CHECK_RATE", "1"), ("UGC_STALE_WINDOW_MS", "100")]).await;
+    // The detector samples data-cache hits: no rendered fragments in front.
+    let vars = [("UGC_STALE_CHECK_RATE", "1"), ("UGC_STALE_WINDOW_MS", "100"), ("UGC_ENTITY_CACHE", "off")];
+    let a = TestApp::start_with(&vars).await;
     let id = create(&a, "alice", "offer-d", 4, "cached").await["data"]["createReview"]["id"].clone();
     let query = "query($id: ID!) { review(id: $id) { text } }";
     a.gql(query, json!({ "id": id })).await;

@@ -198,3 +198,72 @@ async fn review_entities_share_only_public_renderings() {
     d.fresh_after_write(query, &json!({ "representations": reps(&[&published.to_string()]) }), "edited review entity")
         .await;
 }
+
+#[tokio::test]
+async fn root_fields_by_id_are_served_from_fragments_keyed_by_id_and_variables() {
+    let d = Deployment::start().await;
+    let offer = "query Offer($id: ID!, $n: Int = 2) { offer(id: $id) { id rating { count average } \
+        reviews(first: $n) { totalCount edges { node { id text author { id } } } } } }";
+    let one = d.same_and_hit(offer, &json!({ "id": "offer-000001" })).await;
+    let two = d.same_and_hit(offer, &json!({ "id": "offer-000002" })).await;
+    assert_ne!(one, two, "another id is another fragment");
+    let three = d.same_and_hit(offer, &json!({ "id": "offer-000001", "n": 3 })).await;
+    assert_eq!(three["offer"]["reviews"]["edges"].as_array().unwrap().len(), 3, "n=3 is not n=2's fragment");
+    // Near-identical texts: a literal id, an alias — their own fragments, their own keys.
+    let literal = d.same_and_hit("{ offer(id: \"offer-000001\") { id rating { count } } }", &json!({})).await;
+    let aliased = d.same_and_hit("{ o: offer(id: \"offer-000001\") { id rating { count } } }", &json!({})).await;
+    assert_eq!(literal["offer"], aliased["o"]);
+    assert!(aliased.get("offer").is_none(), "{aliased}");
+
+    let user = "query($id: ID!) { user(id: $id) { id reviewCount reviews(first: 2) { edges { node { id text } } } } }";
+    let author: String = sqlx::query_scalar(
+        "SELECT author_id FROM reviews WHERE offer_id = 'offer-000001' AND status = 'PUBLISHED' \
+         AND deleted_at IS NULL ORDER BY created_at DESC, id DESC LIMIT 1",
+    )
+    .fetch_one(&d.cached.db)
+    .await
+    .unwrap();
+    d.same_and_hit(user, &json!({ "id": author })).await;
+
+    let review = "query($id: ID!) { review(id: $id) { id text rating status } }";
+    let top = d.edit_top_review("before the root-field edit").await;
+    d.same_and_hit(review, &json!({ "id": top.to_string() })).await;
+    d.same_and_hit(offer, &json!({ "id": "offer-000001" })).await;
+
+    // Edited on another instance: every root-field fragment that read it follows.
+    d.edit_top_review("edited for the root fields").await;
+    d.fresh_after_write(offer, &json!({ "id": "offer-000001" }), "edited for the root fields").await;
+    d.fresh_after_write(review, &json!({ "id": top.to_string() }), "edited for the root fields").await;
+    d.fresh_after_write(user, &json!({ "id": author }), "edited for the root fields").await;
+
+    // A pending review: its author's answer is private and never shared.
+    let alice = token("alice", &[]);
+    let created = d
+        .writer
+        .gql_as(
+            Some(&alice),
+            "mutation { createReview(input: { offerId: \"offer-000006\", rating: 3, text: \"not yet public\" }) { id } }",
+            json!({}),
+        )
+        .await;
+    let pending = created["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    let resp = d
+        .cached
+        .client()
+        .post(d.cached.url("/graphql"))
+        .bearer_auth(&alice)
+        .json(&json!({ "query": review, "variables": { "id": pending } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["cache-control"], "private, no-store");
+    let mine: Value = resp.json().await.unwrap();
+    assert_eq!(mine["data"]["review"]["text"], "not yet public", "{mine}");
+    for _ in 0..2 {
+        let anonymous = data(&d.cached, None, review, &json!({ "id": pending })).await;
+        assert!(anonymous["review"].is_null(), "a private rendering was shared: {anonymous}");
+    }
+    // Nor is the anonymous null kept for her: it looked past the public cache too.
+    let again = data(&d.cached, Some(&alice), review, &json!({ "id": pending })).await;
+    assert_eq!(again["review"]["text"], "not yet public", "{again}");
+}

@@ -72,6 +72,9 @@ async fn metrics_cover_the_spec_and_move_with_traffic() {
         ("UGC_STALE_CHECK_RATE", "1"),
         ("UGC_RATE_LIMIT_USER_WRITE_BURST", "1"),
         ("UGC_RATE_LIMIT_USER_WRITE_PER_SEC", "1"),
+        // The traffic below must reach the data caches (the stale-read
+        // detector samples their hits), not rendered fragments in front.
+        ("UGC_ENTITY_CACHE", "off"),
     ])
     .await;
     let scrape =

@@ -65,6 +65,9 @@ async fn a_traced_request_yields_spans_under_the_callers_trace() {
         // caller's sampled trace is exported.
         ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        // The execution path's tree (operation → batches → layers); a root
+        // field served from the entity cache has the `entity_cache` span only.
+        ("UGC_ENTITY_CACHE", "off"),
     ])
     .await;
     let client = reqwest::Client::new();

@@ -181,7 +181,9 @@ async fn listener_backends(app: &TestApp) -> Vec<i32> {
 
 #[tokio::test]
 async fn an_instance_that_does_not_acknowledge_serves_no_l1_until_it_has_caught_up() {
-    let vars = [("UGC_WRITE_VISIBILITY_TIMEOUT_MS", "300")];
+    // L1 itself is measured: no rendered fragments in front of it (they
+    // close with the same gate; entity_shapes checks them).
+    let vars = [("UGC_WRITE_VISIBILITY_TIMEOUT_MS", "300"), ("UGC_ENTITY_CACHE", "off")];
     let b = TestApp::start_with(&vars).await;
     b.seed(5, 10, 20).await;
     let b_listener = listener_backends(&b).await;
