@@ -37,14 +37,16 @@
 //! second time on the normal path.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType, Selection};
 use async_graphql::{Name, PathSegment, ServerError, Value as GqlValue, Variables};
 use moka::sync::Cache as MokaSync;
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::{RequestAuth, UgcSchema};
@@ -141,6 +143,11 @@ pub struct EntityCache {
     router_tags: bool,
     shapes: MokaSync<u64, Arc<Known>>,
     fragments: MokaSync<FragmentKey, Arc<Fragment>>,
+    /// Fragments being rendered now, by whichever request missed them
+    /// first: a write to a hot offer makes every concurrent request miss
+    /// its fragment at once, and they wait for one rendering instead of
+    /// each running its own.
+    rendering: Mutex<HashMap<FragmentKey, watch::Receiver<Option<Arc<Fragment>>>>>,
     cache: ReadCache,
     metrics: Arc<Metrics>,
 }
@@ -165,6 +172,7 @@ impl EntityCache {
                 })
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
+            rendering: Mutex::default(),
             cache,
             metrics,
         }
@@ -238,9 +246,13 @@ impl EntityCache {
             parts.push(hit);
         }
 
+        // Renderings another request has under way: waited for, briefly.
+        self.await_renderings(&keys, &mut parts, &mut missing).await;
         span.record("hits", keys.len() - missing.len());
         span.record("misses", missing.len());
+        let mut claimed = Claim { cache: self, keys: Vec::new() };
         if !missing.is_empty() {
+            claimed.claim(&keys, &missing);
             let reps: Vec<&GqlValue> = missing.iter().map(|&i| &reps[i]).collect();
             match self.render(schema, request, shape, variable, auth, &reps).instrument(span.clone()).await {
                 Rendered::Fragments(fragments) => {
@@ -253,6 +265,7 @@ impl EntityCache {
                             // Not shareable, and not a refused fill either.
                         } else if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
                             self.fragments.insert(keys[i].clone(), Arc::clone(&fragment));
+                            claimed.publish(&keys[i], &fragment);
                         } else {
                             self.metrics.fills_refused.get_or_create(&[("layer", "entity")]).inc();
                         }
@@ -301,6 +314,42 @@ impl EntityCache {
         body.push('}');
         let fresh_for = expires.map_or(Duration::ZERO, |e| e.saturating_duration_since(Instant::now()));
         Some(Served { body, fresh_for, failed: false, private })
+    }
+
+    /// Takes, for the missing entities another request is rendering now,
+    /// the fragment it renders (if it is shareable and still current when
+    /// it comes, within [`RENDER_WAIT`]); the others stay missing.
+    async fn await_renderings(
+        &self,
+        keys: &[FragmentKey],
+        parts: &mut [Option<Arc<Fragment>>],
+        missing: &mut Vec<usize>,
+    ) {
+        let waits: Vec<(usize, watch::Receiver<Option<Arc<Fragment>>>)> = {
+            let rendering = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+            if rendering.is_empty() {
+                return;
+            }
+            missing.iter().filter_map(|&i| Some((i, rendering.get(&keys[i])?.clone()))).collect()
+        };
+        if waits.is_empty() {
+            return;
+        }
+        let rendered = futures::future::join_all(waits.into_iter().map(|(i, mut rendered)| async move {
+            let _ = tokio::time::timeout(RENDER_WAIT, rendered.wait_for(Option::is_some)).await;
+            let fragment = rendered.borrow().clone();
+            (i, fragment)
+        }))
+        .await;
+        let now = Instant::now();
+        for (i, fragment) in rendered {
+            if let Some(fragment) = fragment.filter(|f| f.expires > now && self.cache.tokens_current(&f.deps)) {
+                // Counted as a miss above, and as shared: served by another's rendering.
+                self.metrics.cache("entity", keys[i].typename, "shared");
+                parts[i] = Some(fragment);
+            }
+        }
+        missing.retain(|&i| parts[i].is_none());
     }
 
     /// A root field (`offer(id:)`, `user(id:)`, `review(id:)`) from its
@@ -485,6 +534,54 @@ impl EntityCache {
 pub fn router_tags(deps: &[(Tag, u64)]) -> Box<str> {
     let names: std::collections::BTreeSet<String> = deps.iter().map(|(tag, _)| cascade::public_name(tag)).collect();
     serde_json::to_string(&names).unwrap_or_else(|_| "[]".to_owned()).into()
+}
+
+/// How long a request waits for another's rendering of a fragment it
+/// misses before rendering it itself.
+const RENDER_WAIT: Duration = Duration::from_millis(250);
+
+/// The fragments this request renders, announced in
+/// [`EntityCache::rendering`]; withdrawn when it ends, however it ends
+/// (waiters whose fragment was not published render it themselves).
+struct Claim<'a> {
+    cache: &'a EntityCache,
+    keys: Vec<(FragmentKey, watch::Sender<Option<Arc<Fragment>>>)>,
+}
+
+impl Claim<'_> {
+    /// Announces the `missing` keys nobody is rendering yet.
+    fn claim(&mut self, keys: &[FragmentKey], missing: &[usize]) {
+        let mut rendering = self.cache.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        for &i in missing {
+            if let std::collections::hash_map::Entry::Vacant(slot) = rendering.entry(keys[i].clone()) {
+                let (tx, rx) = watch::channel(None);
+                slot.insert(rx);
+                self.keys.push((keys[i].clone(), tx));
+            }
+        }
+    }
+
+    /// Hands a kept fragment to the requests waiting for it.
+    fn publish(&self, key: &FragmentKey, fragment: &Arc<Fragment>) {
+        if let Some((_, tx)) = self.keys.iter().find(|(k, _)| k == key) {
+            tx.send_replace(Some(Arc::clone(fragment)));
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut rendering = self.cache.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, tx) in self.keys.drain(..) {
+            // Only our own announcement (a later request may have made its own).
+            if rendering.get(&key).is_some_and(|rx| rx.same_channel(&tx.subscribe())) {
+                rendering.remove(&key);
+            }
+        }
+    }
 }
 
 /// What rendering the misses produced.

@@ -267,3 +267,23 @@ async fn root_fields_by_id_are_served_from_fragments_keyed_by_id_and_variables()
     let again = data(&d.cached, Some(&alice), review, &json!({ "id": pending })).await;
     assert_eq!(again["review"]["text"], "not yet public", "{again}");
 }
+
+#[tokio::test]
+async fn concurrent_misses_of_a_fragment_wait_for_one_rendering() {
+    let d = Deployment::start().await;
+    let query = "query($representations: [_Any!]!) { _entities(representations: $representations) \
+        { ... on Offer { id rating { count } reviews(first: 3) { edges { node { id text author { id } } } } } } }";
+    let vars = json!({ "representations": offers(&["offer-000001", "offer-000002", "offer-000003"]) });
+    let expected = data(&d.reference, None, query, &vars).await;
+    let waits = async || d.cached.metric("ugc_cache_requests_total", &["layer=\"entity\"", "result=\"shared\""]).await;
+    let before = waits().await;
+    let answers = futures::future::join_all((0..40).map(|_| data(&d.cached, None, query, &vars))).await;
+    assert!(answers.iter().all(|a| *a == expected), "every waiter gets the right answer");
+    assert!(waits().await > before, "concurrent misses waited for another request's rendering");
+    // After an edit elsewhere, the same burst renders the new text once and shares it.
+    d.edit_top_review("edited under a burst").await;
+    let expected = data(&d.reference, None, query, &vars).await;
+    let answers = futures::future::join_all((0..40).map(|_| data(&d.cached, None, query, &vars))).await;
+    assert!(answers.iter().all(|a| *a == expected), "after the edit");
+    assert!(expected.to_string().contains("edited under a burst"));
+}
