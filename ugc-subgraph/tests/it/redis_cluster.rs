@@ -34,7 +34,9 @@ fn script() -> PathBuf {
 /// A base port whose six ports and their cluster-bus ports (+10000) are free.
 fn free_base() -> u16 {
     let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-    let seed = (std::process::id() as u16).wrapping_mul(7919);
+    // Tests of one process start clusters at once: each takes its own candidates.
+    static TAKEN: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let seed = (std::process::id() as u16).wrapping_mul(7919).wrapping_add(TAKEN.fetch_add(97, Ordering::Relaxed));
     (0..500u16)
         .map(|i| 20_000 + (seed.wrapping_add(i * 37) % 900) * 10)
         .find(|&b| (b..b + 6).all(|p| free(p) && free(p + 10_000)))
@@ -367,7 +369,13 @@ async fn slots_migrating_under_the_cache_are_followed_through_ask_and_moved() {
             })
         })
         .collect();
-    let (from, to) = (cluster.master_of(half.slot.parse().unwrap()).unwrap(), cluster.master_of(0).unwrap());
+    let from = cluster.master_of(half.slot.parse().unwrap()).unwrap();
+    let to = cluster
+        .nodes()
+        .into_iter()
+        .find(|(id, _, flags, _)| flags.contains("master") && !flags.contains("fail") && *id != from.0)
+        .map(|(id, port, ..)| (id, port))
+        .unwrap();
     let seed = format!("127.0.0.1:{}", cluster.base);
     let reshard = tokio::task::spawn_blocking(move || {
         Command::new("redis-cli")
