@@ -125,13 +125,20 @@ async fn metrics_cover_the_spec_and_move_with_traffic() {
     let bomb = app.gql(&format!("{{ offer(id: \"x\") {{ {aliases} }} }}"), json!({})).await;
     assert_eq!(bomb["errors"][0]["extensions"]["code"], "MAX_ALIASES_LIMIT", "{bomb}");
 
-    let after = scrape().await;
     let sum = |text: &str, name: &str, label: &str| -> f64 {
         text.lines()
             .filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(name) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    // The stale-read check runs off the request path (a spawned query):
+    // counted a moment after the read that sampled it.
+    let checked = crate::support::eventually(std::time::Duration::from_secs(10), async || {
+        sum(&scrape().await, "ugc_stale_read_checks_total", "") > sum(&before, "ugc_stale_read_checks_total", "")
+    })
+    .await;
+    assert!(checked, "no stale-read check ran");
+    let after = scrape().await;
     for (name, label) in [
         ("ugc_graphql_request_seconds_count", "operation=\"query\""),
         ("ugc_graphql_request_seconds_count", "operation=\"mutation\""),
