@@ -151,18 +151,7 @@ impl RedisClient {
                     .map_err(SetupError::Cluster)?,
             )),
         };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                pool,
-                conn: Mutex::new(None),
-                rebuilt_at: Mutex::new(None),
-                rebuilding: AtomicBool::new(false),
-                rebuilt: Notify::new(),
-                breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
-                timeout,
-                metrics,
-            }),
-        })
+        Ok(Self::on(pool, timeout, metrics))
     }
 
     /// A client of the same Redis on a connection of its own, with its own
@@ -173,6 +162,10 @@ impl RedisClient {
             Pool::Single(pool) => Pool::Single(pool.clone()),
             Pool::Cluster(client) => Pool::Cluster(client.clone()),
         };
+        Self::on(pool, self.inner.timeout, Arc::clone(&self.inner.metrics))
+    }
+
+    fn on(pool: Pool, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -181,8 +174,8 @@ impl RedisClient {
                 rebuilding: AtomicBool::new(false),
                 rebuilt: Notify::new(),
                 breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
-                timeout: self.inner.timeout,
-                metrics: Arc::clone(&self.inner.metrics),
+                timeout,
+                metrics,
             }),
         }
     }

@@ -66,6 +66,14 @@ impl Deployment {
         id
     }
 
+    /// A review by `author` that stays pending (the writer moderates new reviews); its id.
+    async fn pending(&self, author: &str, offer: &str, text: &str) -> String {
+        let mutation = "mutation($o: ID!, $t: String!) { createReview(input: { offerId: $o, rating: 2, text: $t }) { id status } }";
+        let created = self.writer.gql_as(Some(author), mutation, json!({ "o": offer, "t": text })).await;
+        assert_eq!(created["data"]["createReview"]["status"], "PENDING", "{created}");
+        created["data"]["createReview"]["id"].as_str().unwrap().to_owned()
+    }
+
     /// After a write on the writer, the cached instance answers like the
     /// reference and shows `text`.
     async fn fresh_after_write(&self, query: &str, variables: &Value, text: &str) {
@@ -156,16 +164,7 @@ async fn review_entities_share_only_public_renderings() {
         .await;
     // A pending review (the writer moderates new reviews).
     let alice = token("alice", &[]);
-    let created = d
-        .writer
-        .gql_as(
-            Some(&alice),
-            "mutation { createReview(input: { offerId: \"offer-000005\", rating: 2, text: \"pending words\" }) { id status } }",
-            json!({}),
-        )
-        .await;
-    assert_eq!(created["data"]["createReview"]["status"], "PENDING", "{created}");
-    let pending = created["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    let pending = d.pending(&alice, "offer-000005", "pending words").await;
     let reps = |ids: &[&str]| Value::Array(ids.iter().map(|id| json!({ "__typename": "Review", "id": id })).collect());
 
     let public = d.same_and_hit(query, &json!({ "representations": reps(&[&published.to_string()]) })).await;
@@ -238,15 +237,7 @@ async fn root_fields_by_id_are_served_from_fragments_keyed_by_id_and_variables()
 
     // A pending review: its author's answer is private and never shared.
     let alice = token("alice", &[]);
-    let created = d
-        .writer
-        .gql_as(
-            Some(&alice),
-            "mutation { createReview(input: { offerId: \"offer-000006\", rating: 3, text: \"not yet public\" }) { id } }",
-            json!({}),
-        )
-        .await;
-    let pending = created["data"]["createReview"]["id"].as_str().unwrap().to_owned();
+    let pending = d.pending(&alice, "offer-000006", "not yet public").await;
     let resp = d
         .cached
         .client()
