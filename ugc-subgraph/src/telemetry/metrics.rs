@@ -320,6 +320,11 @@ impl Metrics {
         self.cache_requests.get_or_create(&[("layer", layer), ("kind", kind), ("result", result)]).inc();
     }
 
+    /// Counts `n` cache lookups with one outcome.
+    pub fn cache_n(&self, layer: &'static str, kind: &'static str, result: &'static str, n: u64) {
+        self.cache_requests.get_or_create(&[("layer", layer), ("kind", kind), ("result", result)]).inc_by(n);
+    }
+
     /// Reads the process gauges (Linux `/proc`; elsewhere they stay 0).
     pub fn export_process(&self) {
         // statm's second field: resident pages.
