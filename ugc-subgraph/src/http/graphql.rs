@@ -112,9 +112,9 @@ pub async fn execute(
 ///
 /// Not `BatchRequest`'s own `Deserialize`: it is `#[serde(untagged)]`, so
 /// serde first copies the whole body into its generic `Content` tree and
-/// then deserialises that — a quarter of the CPU of an answer served from
-/// rendered fragments (profile in the issue "fast path"). The first byte
-/// decides instead, and the error names what was wrong.
+/// then deserialises that — 12.6 % of the CPU of an answer served from
+/// rendered fragments (7.5 % the copy alone; perf, 20-offer batches). The
+/// first byte decides instead, and the error names what was wrong.
 fn parse_body(body: &[u8]) -> Result<BatchRequest, serde_json::Error> {
     use serde::de::Error as _;
     match body.iter().find(|b| !b.is_ascii_whitespace()) {

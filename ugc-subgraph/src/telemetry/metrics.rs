@@ -317,7 +317,7 @@ impl Metrics {
 
     /// Counts one cache lookup outcome.
     pub fn cache(&self, layer: &'static str, kind: &'static str, result: &'static str) {
-        self.cache_requests.get_or_create(&[("layer", layer), ("kind", kind), ("result", result)]).inc();
+        self.cache_n(layer, kind, result, 1);
     }
 
     /// Counts `n` cache lookups with one outcome.
