@@ -63,7 +63,7 @@ use crate::telemetry::metrics::Metrics;
 use fill::Deadlines;
 use generations::Generations;
 use hot::HotKeys;
-use judge::{jitter, Freshness, Judged, L2Entry, Look, Lookup};
+use judge::{jitter, Freshness, Judged, L1Counters, L2Entry, Look, Lookup};
 use l1::L1;
 use l2::{Fetched, Fill, L2};
 use refresh::{refresher, Refresh};
@@ -139,6 +139,7 @@ struct Inner<S: Source> {
     gens: Generations,
     gate: L1Gate,
     hot: HotKeys,
+    l1_counters: L1Counters,
     /// Keys being loaded on this instance; waiters watch for the sender to drop.
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<()>>>,
     /// Keys queued or being refreshed in the background.
@@ -178,6 +179,7 @@ impl<S: Source> Cache<S> {
                 .time_to_live(config.negative_ttl * 6)
                 .build(),
             hot: HotKeys::new(config.hot_key_per_sec),
+            l1_counters: L1Counters::new(&metrics),
             config,
             source,
             l2,
@@ -218,23 +220,24 @@ impl<S: Source> Cache<S> {
     }
 
     /// The L1 value of `key`, fresh or within its stale window (then a
-    /// background refresh is scheduled). Counts the lookup and the key's rate.
-    pub async fn get(&self, key: &CacheKey) -> Option<CachedValue> {
+    /// background refresh is scheduled), with when it stops being fresh (a
+    /// stale value: already). Counts the lookup and the key's rate.
+    pub async fn get(&self, key: &CacheKey) -> Option<(CachedValue, Instant)> {
         let inner = &self.inner;
         if !inner.config.enabled {
             return None;
         }
         match inner.lookup_l1(key, Look::First).await {
-            Lookup::Fresh { value, refresh_early } => {
+            Lookup::Fresh { value, fresh_until, refresh_early } => {
                 if refresh_early {
                     inner.schedule_refresh(key, Refresh::Early);
                 }
-                Some(value)
+                Some((value, fresh_until))
             }
             Lookup::Stale(value) => {
                 inner.metrics.stale_served.get_or_create(&[("reason", "revalidate")]).inc();
                 inner.schedule_refresh(key, Refresh::Stale);
-                Some(value)
+                Some((value, Instant::now()))
             }
             Lookup::Miss => None,
         }
@@ -318,7 +321,7 @@ impl<S: Source> Cache<S> {
             Some(entry) => entry,
             None => inner.l1_negative.get(key).await?,
         };
-        (entry.token == inner.gens.current(&key.tag())).then_some(entry.fresh_until)
+        (entry.token == inner.gens.current_ref(key.tag_ref())).then_some(entry.fresh_until)
     }
 
     /// The current L1 token of a tag: taken before a read, it fences
@@ -469,7 +472,7 @@ impl<S: Source> Inner<S> {
         through: Through,
     ) -> Result<HashMap<CacheKey, CachedValue>, S::Error> {
         // Fence tokens first: taken before anything is read.
-        let l1_tokens: Vec<u64> = keys.iter().map(|k| self.gens.current(&k.tag())).collect();
+        let l1_tokens: Vec<u64> = keys.iter().map(|k| self.gens.current_ref(k.tag_ref())).collect();
         let mut found: HashMap<CacheKey, CachedValue> = HashMap::with_capacity(keys.len());
         let mut stale: HashMap<CacheKey, CachedValue> = HashMap::new();
         let mut l2_tokens: Option<Vec<u64>> = None;

@@ -310,21 +310,24 @@ impl Loaders {
             r.lock().tags.push((tag, token));
             r.clone()
         });
-        let value = match self.cache.get(&key).await {
-            Some(value) => Some(value),
+        let (value, fresh_until) = match self.cache.get(&key).await {
+            Some((value, fresh_until)) => (Some(value), Some(fresh_until)),
             None => match PREPARING.try_with(Clone::clone) {
                 Ok(Preparation::Discover(keys)) => {
                     keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
                     return Ok(None);
                 }
                 Ok(Preparation::Failed(error)) => return Err(error),
-                Err(_) => self.batches.load_one(key.clone()).await?,
+                Err(_) => (self.batches.load_one(key.clone()).await?, None),
             },
         };
         if let Ok(recorder) = recorder {
             // How long what was just read stays fresh (its L1 entry; a value
             // not in L1 any more is as old as can be: now).
-            let until = self.cache.fresh_until(&key).await.unwrap_or_else(Instant::now);
+            let until = match fresh_until {
+                Some(until) => until,
+                None => self.cache.fresh_until(&key).await.unwrap_or_else(Instant::now),
+            };
             recorder.lock().read(until);
         }
         // Whichever layer answered (L1, L2 or Postgres), sample it.

@@ -21,7 +21,7 @@ pub(super) enum Deadlines {
 impl<S: Source> Inner<S> {
     /// Inserts into L1 unless the tag's stripe moved since `token` was taken.
     pub(super) async fn fill_l1(&self, key: &CacheKey, value: CachedValue, token: u64, deadlines: Deadlines) {
-        if self.gens.current(&key.tag()) != token {
+        if self.gens.current_ref(key.tag_ref()) != token {
             self.metrics.fills_refused.get_or_create(&[("layer", "l1")]).inc();
             return;
         }

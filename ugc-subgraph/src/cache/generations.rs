@@ -13,7 +13,7 @@
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::key::Tag;
+use super::key::{Tag, TagRef};
 
 const STRIPES: usize = 1 << 16;
 
@@ -32,7 +32,7 @@ impl Default for Generations {
 }
 
 impl Generations {
-    fn stripe(&self, tag: &Tag) -> &AtomicU64 {
+    fn stripe(&self, tag: TagRef<'_>) -> &AtomicU64 {
         let mut h = self.hasher.build_hasher();
         tag.hash(&mut h);
         &self.stripes[(std::hash::Hasher::finish(&h) as usize) & (STRIPES - 1)]
@@ -40,11 +40,16 @@ impl Generations {
 
     /// The token a load must carry: read it *before* reading the source.
     pub fn current(&self, tag: &Tag) -> u64 {
+        self.current_ref(tag.as_ref())
+    }
+
+    /// [`Generations::current`] of a tag borrowed from its key.
+    pub fn current_ref(&self, tag: TagRef<'_>) -> u64 {
         self.stripe(tag).load(Ordering::Acquire)
     }
 
     pub fn bump(&self, tag: &Tag) {
-        self.stripe(tag).fetch_add(1, Ordering::AcqRel);
+        self.stripe(tag.as_ref()).fetch_add(1, Ordering::AcqRel);
     }
 
     /// Invalidates everything (e.g. after losing the event stream).

@@ -22,7 +22,8 @@ pub const MAX_HOT: usize = 2_000;
 pub struct HotKeys {
     threshold: u32,
     cells: Box<[AtomicU32]>,
-    hasher: std::collections::hash_map::RandomState,
+    /// foldhash: every L1 read touches its key here.
+    hasher: foldhash::fast::RandomState,
     started: Instant,
     window: AtomicU64,
     /// Hot keys seen, with their last window's estimate.

@@ -39,6 +39,25 @@ pub enum Tag {
     Author(String),
 }
 
+/// A [`Tag`] borrowed from a key: what the generation stripes hash, so
+/// that an L1 read finds its tag's token without allocating the tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TagRef<'a> {
+    Review(i64),
+    Offer(&'a str),
+    Author(&'a str),
+}
+
+impl Tag {
+    pub fn as_ref(&self) -> TagRef<'_> {
+        match self {
+            Self::Review(id) => TagRef::Review(*id),
+            Self::Offer(id) => TagRef::Offer(id),
+            Self::Author(id) => TagRef::Author(id),
+        }
+    }
+}
+
 /// Kinds, for metrics labels and TTL choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -50,6 +69,9 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    pub const ALL: [Self; 5] = [Self::Review, Self::Rating, Self::AuthorCount, Self::OfferPage, Self::AuthorPage];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Review => "review",
@@ -73,12 +95,20 @@ impl CacheKey {
     }
 
     pub fn tag(&self) -> Tag {
+        match self.tag_ref() {
+            TagRef::Review(id) => Tag::Review(id),
+            TagRef::Offer(id) => Tag::Offer(id.to_owned()),
+            TagRef::Author(id) => Tag::Author(id.to_owned()),
+        }
+    }
+
+    pub fn tag_ref(&self) -> TagRef<'_> {
         match self {
-            Self::Review(id) => Tag::Review(*id),
-            Self::Rating(offer) => Tag::Offer(offer.clone()),
-            Self::AuthorCount(author) => Tag::Author(author.clone()),
-            Self::Page(PageKey { scope: ListScope::Offer(id), .. }) => Tag::Offer(id.clone()),
-            Self::Page(PageKey { scope: ListScope::Author(id), .. }) => Tag::Author(id.clone()),
+            Self::Review(id) => TagRef::Review(*id),
+            Self::Rating(offer) => TagRef::Offer(offer),
+            Self::AuthorCount(author) => TagRef::Author(author),
+            Self::Page(PageKey { scope: ListScope::Offer(id), .. }) => TagRef::Offer(id),
+            Self::Page(PageKey { scope: ListScope::Author(id), .. }) => TagRef::Author(id),
         }
     }
 

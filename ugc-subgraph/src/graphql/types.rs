@@ -12,6 +12,8 @@ use crate::error::ApiError;
 use crate::loaders::Loaders;
 use crate::store::PageKey;
 
+mod direct;
+
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-21T10:15:30.123Z`.
 pub struct DateTime(pub chrono::DateTime<Utc>);
 
@@ -89,9 +91,9 @@ impl Offer {
         #[graphql(default_with = "Some(10)")] first: Option<i32>,
         after: Option<String>,
         #[graphql(default_with = "Some(ReviewOrder::Newest)")] order: Option<ReviewOrder>,
-    ) -> Result<ReviewConnection, ApiError> {
+    ) -> Result<direct::Connection, ApiError> {
         let scope = ListScope::Offer(self.id.clone());
-        ReviewConnection::load(ctx, scope, order.unwrap_or_default(), first, after).await
+        ReviewConnection::load(ctx, scope, order.unwrap_or_default(), first, after).await.map(direct::Connection)
     }
 
     /// Aggregate over published reviews of this offer.
@@ -118,9 +120,9 @@ impl User {
         ctx: &Context<'_>,
         #[graphql(default_with = "Some(10)")] first: Option<i32>,
         after: Option<String>,
-    ) -> Result<ReviewConnection, ApiError> {
+    ) -> Result<direct::Connection, ApiError> {
         let scope = ListScope::Author(self.id.clone());
-        ReviewConnection::load(ctx, scope, ReviewOrder::Newest, first, after).await
+        ReviewConnection::load(ctx, scope, ReviewOrder::Newest, first, after).await.map(direct::Connection)
     }
 
     async fn review_count(&self, ctx: &Context<'_>) -> Result<i32, ApiError> {

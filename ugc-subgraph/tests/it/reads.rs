@@ -159,3 +159,62 @@ async fn cursors_from_another_list_or_order_are_refused() {
         assert_eq!(error_code(&body), Some("BAD_USER_INPUT"), "{body}");
     }
 }
+
+/// Review lists are resolved by a direct walk when the selection is plain
+/// (`graphql/types/direct.rs`) and by the derived resolvers otherwise
+/// (here: the same selection inside inline fragments, which the walk never
+/// takes): both must give the same answer, field for field.
+#[tokio::test]
+async fn review_lists_resolved_directly_answer_as_the_derived_resolvers_do() {
+    let app = TestApp::start_with(&[("UGC_ENTITY_CACHE", "off")]).await;
+    app.seed(5, 30, 120).await;
+    let list = |wrap: bool| {
+        let on = |ty: &str, inner: &str| if wrap { format!("... on {ty} {{ {inner} }}") } else { inner.to_owned() };
+        let author = on("User", "id __typename");
+        let node = on("Review", &format!("id rating text status createdAt updatedAt __typename stars: rating author {{ {author} }} offer {{ id }}"));
+        let edge = on("ReviewEdge", &format!("cursor __typename node {{ {node} }} again: node {{ id }}"));
+        let info = on("PageInfo", "hasNextPage endCursor __typename");
+        on("ReviewConnection", &format!("totalCount __typename edges {{ {edge} }} pageInfo {{ {info} }}"))
+    };
+    for wrap in [false, true] {
+        assert_ne!(list(wrap).contains("... on"), !wrap);
+    }
+    let queries = |wrap: bool| {
+        let l = list(wrap);
+        [
+            format!("query($id: ID!) {{ offer(id: $id) {{ reviews(first: 4, order: HIGHEST_RATING) {{ {l} }} }} }}"),
+            format!("query($id: ID!) {{ user(id: \"user-000001\") {{ reviews(first: 3) {{ {l} }} }} other: offer(id: $id) {{ reviews(first: 2) {{ {l} }} }} }}"),
+            format!("query($r: [_Any!]!) {{ _entities(representations: $r) {{ ... on Offer {{ id reviews(first: 5) {{ {l} }} }} }} }}"),
+        ]
+    };
+    let vars = json!({
+        "id": "offer-000001",
+        "r": [{ "__typename": "Offer", "id": "offer-000001" }, { "__typename": "Offer", "id": "offer-000002" }],
+    });
+    for (direct, derived) in queries(false).into_iter().zip(queries(true)) {
+        let a = app.gql(&direct, vars.clone()).await;
+        let b = app.gql(&derived, vars.clone()).await;
+        assert!(a.get("errors").is_none(), "{a}");
+        assert_eq!(a, b, "{direct}");
+        let text = a.to_string();
+        assert!(
+            text.contains("\"stars\":") && text.contains("\"again\":") && text.contains("\"endCursor\":\""),
+            "{text}"
+        );
+    }
+    // A selection the walk does not take (a field that loads) answers through the derived resolvers.
+    let counted = app
+        .gql(
+            "{ offer(id: \"offer-000001\") { reviews(first: 2) { edges { node { author { id reviewCount } } } } } }",
+            json!({}),
+        )
+        .await;
+    let author = &counted["data"]["offer"]["reviews"]["edges"][0]["node"]["author"];
+    let expected = app
+        .count(&format!(
+            "SELECT count(*) FROM reviews WHERE author_id = '{}' AND status = 'PUBLISHED' AND deleted_at IS NULL",
+            author["id"].as_str().unwrap_or_else(|| panic!("{counted}"))
+        ))
+        .await;
+    assert_eq!(author["reviewCount"], expected, "{counted}");
+}
