@@ -317,9 +317,9 @@ impl<S: Source> Cache<S> {
         if !inner.gate.is_open(Instant::now()) {
             return None;
         }
-        let entry = match inner.l1.get(key).await {
+        let entry = match inner.l1.get(key) {
             Some(entry) => entry,
-            None => inner.l1_negative.get(key).await?,
+            None => inner.l1_negative.get(key)?,
         };
         (entry.token == inner.gens.current_ref(key.tag_ref())).then_some(entry.fresh_until)
     }
@@ -391,8 +391,8 @@ impl<S: Source> Cache<S> {
         let (l1, negative) = (&self.inner.l1, &self.inner.l1_negative);
         // moka counts lazily, in its housekeeping: an idle instance would
         // report what it held at its last busy moment (or 0).
-        l1.run_pending_tasks().await;
-        negative.run_pending_tasks().await;
+        l1.run_pending_tasks();
+        negative.run_pending_tasks();
         m.l1_bytes.set((l1.weighted_size() + negative.weighted_size()) as i64);
         m.l1_entries.set((l1.entry_count() + negative.entry_count()) as i64);
         if let Some(l2) = &self.inner.l2 {

@@ -38,8 +38,8 @@ impl<S: Source> Inner<S> {
         let (home, other) =
             if value.is_negative() { (&self.l1_negative, &self.l1) } else { (&self.l1, &self.l1_negative) };
         let entry = L1Entry { value, token, fresh_until: now + fresh_for, stale_until: now + stale_for, load_time };
-        other.invalidate(key).await;
-        home.insert(key.clone(), Arc::new(entry)).await;
+        other.invalidate(key);
+        home.insert(key.clone(), Arc::new(entry));
     }
 
     /// Positive values always go to L2; a negative one only when the key was

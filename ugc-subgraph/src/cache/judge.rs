@@ -129,9 +129,9 @@ impl<S: Source> Inner<S> {
             record(L1Result::Fenced);
             return Lookup::Miss;
         }
-        let entry = match self.l1.get(key).await {
+        let entry = match self.l1.get(key) {
             Some(entry) => Some(entry),
-            None => self.l1_negative.get(key).await,
+            None => self.l1_negative.get(key),
         };
         let Some(entry) = entry else {
             record(L1Result::Miss);
