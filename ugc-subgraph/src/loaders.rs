@@ -77,6 +77,16 @@ pub struct Deps {
 }
 
 impl Deps {
+    /// The tags, each (tag, token) once: a rendering reads an offer's tag
+    /// three times (its rating, its page, the page's `totalCount`), and a
+    /// fragment checks every dependency on every hit. The same tag with two
+    /// tokens stays twice, so that the older one still refuses the fill.
+    pub fn distinct_tags(mut self) -> Vec<(Tag, u64)> {
+        self.tags.sort_unstable();
+        self.tags.dedup();
+        self.tags
+    }
+
     fn read(&mut self, fresh_until: Instant) {
         self.fresh_until = Some(self.fresh_until.map_or(fresh_until, |t| t.min(fresh_until)));
     }
@@ -376,5 +386,23 @@ impl Loaders {
             Some(CachedValue::Page(page)) => page,
             _ => Arc::default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rendering_keeps_each_dependency_once_and_every_token_of_a_tag() {
+        let offer = || Tag::Offer("offer-1".into());
+        let deps = Deps {
+            tags: vec![(offer(), 4), (Tag::Review(7), 1), (offer(), 4), (offer(), 5), (offer(), 4)],
+            ..Deps::default()
+        };
+        let tags = deps.distinct_tags();
+        assert_eq!(tags.len(), 3, "{tags:?}");
+        assert!(tags.contains(&(offer(), 4)) && tags.contains(&(offer(), 5)), "an invalidated read still fences");
+        assert!(tags.contains(&(Tag::Review(7), 1)));
     }
 }

@@ -32,7 +32,7 @@ pub enum CacheKey {
 }
 
 /// The invalidation unit an entry depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tag {
     Review(i64),
     Offer(String),

@@ -226,27 +226,30 @@ impl CostGuard {
         &self.limits
     }
 
-    /// The analysis of `query`, from the cache or computed now, and (when
-    /// it parsed and passed) its document for execution, so that execution
-    /// need not parse it again.
-    pub fn analyse(&self, query: &str) -> (Verdict, Option<ExecutableDocument>) {
+    /// The analysis of `query`, from the cache or computed now.
+    pub fn analyse(&self, query: &str) -> Verdict {
         if let Some(known) = self.analyses.get(query) {
-            let document = known.as_ref().as_ref().ok().and_then(|a| a.document.clone());
-            return (Verdict::Analysed(known), document);
+            return Verdict::Analysed(known);
         }
         if nesting(query) > MAX_NESTING {
             let refused = Arc::new(Err(CostError::Nesting));
             self.analyses.insert(query.to_owned(), Arc::clone(&refused));
-            return (Verdict::Analysed(refused), None);
+            return Verdict::Analysed(refused);
         }
         let Ok(doc) = async_graphql::parser::parse_query(query) else {
-            return (Verdict::Unparsable, None);
+            return Verdict::Unparsable;
         };
-        let analysis = analyse_document(&doc, &self.limits).map(|a| Analysis { document: Some(doc.clone()), ..a });
+        let analysis = analyse_document(&doc, &self.limits).map(|a| Analysis { document: Some(doc), ..a });
         let analysis = Arc::new(analysis);
         self.analyses.insert(query.to_owned(), Arc::clone(&analysis));
-        let document = analysis.as_ref().as_ref().ok().map(|_| doc);
-        (Verdict::Analysed(analysis), document)
+        Verdict::Analysed(analysis)
+    }
+
+    /// The parsed document of an admitted `query`, for execution: taken
+    /// only when a request is executed (an answer from rendered fragments
+    /// needs none).
+    pub fn document(&self, query: &str) -> Option<ExecutableDocument> {
+        self.analyses.get(query)?.as_ref().as_ref().ok()?.document.clone()
     }
 }
 
@@ -456,7 +459,7 @@ mod tests {
     fn analyse(query: &str) -> Result<Admitted, CostError> {
         let guard = CostGuard::new(limits());
         let vars = Variables::from_json(serde_json::json!({ "n": 50, "reps": vec![serde_json::json!({}); 30] }));
-        match guard.analyse(query).0 {
+        match guard.analyse(query) {
             Verdict::Analysed(a) => match &*a {
                 Ok(a) => a.admit(None, &vars, guard.limits()),
                 Err(e) => Err(e.clone()),
@@ -531,7 +534,7 @@ mod tests {
         let mut l = limits();
         l.max_representations = 50;
         let guard = CostGuard::new(l.clone());
-        let Verdict::Analysed(a) = guard.analyse(too_many).0 else { panic!() };
+        let Verdict::Analysed(a) = guard.analyse(too_many) else { panic!() };
         let vars = Variables::from_json(serde_json::json!({ "reps": vec![serde_json::json!({}); 30] }));
         assert_eq!(
             a.as_ref().as_ref().unwrap().admit(None, &vars, &l),
@@ -545,7 +548,7 @@ mod tests {
         #[test]
         fn any_query_text_is_answered(query in "[{}()\\[\\]a-z.:$ \"#\n]{0,300}|(fragment F on Q \\{ \\.\\.\\.F \\}|query \\{ \\.\\.\\.F a \\}){1,5}") {
             let guard = CostGuard::new(limits());
-            if let (Verdict::Analysed(a), _) = guard.analyse(&query) {
+            if let Verdict::Analysed(a) = guard.analyse(&query) {
                 if let Ok(a) = &*a {
                     let _ = a.admit(None, &Variables::default(), guard.limits());
                 }
@@ -557,7 +560,7 @@ mod tests {
     fn mutations_are_recognised_by_the_executed_operation() {
         let doc = "query Q { __typename } mutation M { deleteReview(id: \"1\") }";
         let guard = CostGuard::new(limits());
-        let Verdict::Analysed(a) = guard.analyse(doc).0 else { panic!() };
+        let Verdict::Analysed(a) = guard.analyse(doc) else { panic!() };
         let a = a.as_ref().as_ref().unwrap();
         let vars = Variables::default();
         assert!(!a.admit(Some("Q"), &vars, guard.limits()).unwrap().mutation);

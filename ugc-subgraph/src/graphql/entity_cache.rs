@@ -143,7 +143,7 @@ pub struct EntityCache {
     shapes: MokaSync<u64, Arc<Known>, Hasher>,
     /// Hashes query texts for `shapes`.
     texts: Hasher,
-    fragments: MokaSync<FragmentKey, Arc<Fragment>, Hasher>,
+    fragments: Fragments,
     /// Fragments being rendered now, by whichever request missed them
     /// first: a write to a hot offer makes every concurrent request miss
     /// its fragment at once, and they wait for one rendering instead of
@@ -151,6 +151,27 @@ pub struct EntityCache {
     rendering: Mutex<HashMap<FragmentKey, watch::Receiver<Option<Arc<Fragment>>>>>,
     cache: ReadCache,
     metrics: Arc<Metrics>,
+}
+
+/// Rendered fragments, bounded by bytes.
+///
+/// quick_cache, not moka: a fragment answer reads 20 or so entries and does
+/// little else, and moka's per-read policy bookkeeping (each read logged,
+/// then replayed into its LRU deques and frequency sketch) was 28 % of such
+/// an answer's CPU (perf, 20-offer batches). quick_cache's read is a
+/// shard's read lock and one bit set (CLOCK-Pro eviction). It has no time
+/// to live: a fragment past `expires` is never served, and its bytes go
+/// when eviction reaches them.
+type Fragments = quick_cache::sync::Cache<FragmentKey, Arc<Fragment>, FragmentWeight, Hasher>;
+
+/// What a fragment weighs against its budget (half of `UGC_L1_MAX_BYTES`).
+#[derive(Clone)]
+struct FragmentWeight;
+
+impl quick_cache::Weighter<FragmentKey, Arc<Fragment>> for FragmentWeight {
+    fn weight(&self, key: &FragmentKey, f: &Arc<Fragment>) -> u64 {
+        (key.id.len() + key.vars.len() + f.json.len() + f.tags.len() + f.deps.len() * 48 + 96) as u64
+    }
 }
 
 /// foldhash, not SipHash: every request hashes its query text and 20 or so
@@ -166,13 +187,13 @@ impl EntityCache {
             router_tags,
             shapes: MokaSync::builder().max_capacity(SHAPES).build_with_hasher(Hasher::default()),
             texts: Hasher::default(),
-            fragments: MokaSync::builder()
-                .max_capacity(max_bytes)
-                .weigher(|k: &FragmentKey, f: &Arc<Fragment>| {
-                    u32::try_from(k.id.len() + f.json.len() + f.tags.len() + f.deps.len() * 48 + 96).unwrap_or(u32::MAX)
-                })
-                .time_to_live(Duration::from_secs(3600))
-                .build_with_hasher(Hasher::default()),
+            fragments: Fragments::with(
+                usize::try_from(max_bytes / 4096).unwrap_or(usize::MAX).max(64),
+                max_bytes,
+                FragmentWeight,
+                Hasher::default(),
+                Default::default(),
+            ),
             rendering: Mutex::default(),
             cache,
             metrics,
@@ -416,12 +437,13 @@ impl EntityCache {
         let rendered_at = Instant::now();
         let expires = deps.fresh_until.map_or(rendered_at, |t| t.min(rendered_at + self.cache.ttl()));
         let tags = if self.router_tags { router_tags(&deps.tags) } else { Box::from("") };
+        let private = deps.private;
         let fragment = Arc::new(Fragment {
             json: serde_json::to_string(&value).ok()?.into(),
-            deps: deps.tags,
+            deps: deps.distinct_tags(),
             expires,
             tags,
-            private: deps.private,
+            private,
         });
         if fragment.private {
             // This viewer's answer only.
@@ -531,7 +553,13 @@ impl EntityCache {
             // Only answers that carry them need the router's tag names.
             let tags = if self.router_tags { router_tags(&deps.tags) } else { Box::from("") };
             let private = deps.private;
-            fragments.push(Arc::new(Fragment { json: json.into(), deps: deps.tags, expires, tags, private }));
+            fragments.push(Arc::new(Fragment {
+                json: json.into(),
+                deps: deps.distinct_tags(),
+                expires,
+                tags,
+                private,
+            }));
         }
         match failed {
             Some(response) => Rendered::Failed(response),

@@ -97,8 +97,8 @@ impl Offer {
     }
 
     /// Aggregate over published reviews of this offer.
-    async fn rating(&self, ctx: &Context<'_>) -> Result<OfferRating, ApiError> {
-        Ok(OfferRating(ctx.data_unchecked::<Loaders>().rating(&self.id).await?))
+    async fn rating(&self, ctx: &Context<'_>) -> Result<direct::Rating, ApiError> {
+        Ok(direct::Rating(OfferRating(ctx.data_unchecked::<Loaders>().rating(&self.id).await?)))
     }
 }
 

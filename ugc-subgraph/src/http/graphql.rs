@@ -68,7 +68,7 @@ pub async fn execute(
         }
         Err(rejection) => return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &rejection.body_text()),
     };
-    let mut batch = match parse_body(&body) {
+    let batch = match parse_body(&body) {
         Ok(batch) => batch,
         Err(e) => {
             return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &format!("malformed request body: {e}"))
@@ -78,7 +78,7 @@ pub async fn execute(
         return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", "the request has no `query`");
     }
     // Cost limits, before anything is executed.
-    let admitted = match admit(&state, &mut batch) {
+    let admitted = match admit(&state, &batch) {
         Ok(admitted) => admitted,
         Err(error) => {
             state.metrics.cost_rejections.get_or_create(&[("limit", error.label())]).inc();
@@ -179,6 +179,13 @@ async fn run(
             }
         }
     }
+    let mut batch = batch;
+    for request in requests_mut(&mut batch) {
+        // Parsed once per text, with its cost analysis (see `cost`).
+        if let Some(doc) = state.cost.document(&request.query) {
+            request.set_parsed_query(doc);
+        }
+    }
     let mut batch = batch.data(auth);
     if let Some(key) = idempotency {
         batch = batch.data(key);
@@ -229,25 +236,21 @@ async fn run(
 
 /// Every operation of the request checked against the cost limits (by
 /// their cached analyses); what the request is, if admitted.
-fn admit(state: &AppState, batch: &mut BatchRequest) -> Result<Admitted, CostError> {
+fn admit(state: &AppState, batch: &BatchRequest) -> Result<Admitted, CostError> {
     let limits = state.cost.limits();
-    let requests: &mut [async_graphql::Request] = match batch {
-        BatchRequest::Single(r) => std::slice::from_mut(r),
+    let requests: &[async_graphql::Request] = match batch {
+        BatchRequest::Single(r) => std::slice::from_ref(r),
         BatchRequest::Batch(rs) => rs,
     };
     // Counted before a single operation is parsed.
     cost::check_request(requests.len(), 0, limits)?;
     let mut total = Admitted { mutation: false, cost: 0 };
-    for request in requests.iter_mut() {
-        let (verdict, parsed) = state.cost.analyse(&request.query);
-        let Verdict::Analysed(analysis) = verdict else {
+    for request in requests.iter() {
+        let Verdict::Analysed(analysis) = state.cost.analyse(&request.query) else {
             // Not a document: execution answers with the syntax error.
             continue;
         };
         let analysis = analysis.as_ref().as_ref().map_err(Clone::clone)?;
-        if let Some(doc) = parsed {
-            request.set_parsed_query(doc);
-        }
         let one = analysis.admit(request.operation_name.as_deref(), &request.variables, limits)?;
         total.mutation |= one.mutation;
         total.cost = total.cost.saturating_add(one.cost);
@@ -285,6 +288,13 @@ fn requests(batch: &BatchRequest) -> impl Iterator<Item = &async_graphql::Reques
     match batch {
         BatchRequest::Single(r) => std::slice::from_ref(r).iter(),
         BatchRequest::Batch(rs) => rs.iter(),
+    }
+}
+
+fn requests_mut(batch: &mut BatchRequest) -> impl Iterator<Item = &mut async_graphql::Request> {
+    match batch {
+        BatchRequest::Single(r) => std::slice::from_mut(r).iter_mut(),
+        BatchRequest::Batch(rs) => rs.iter_mut(),
     }
 }
 

@@ -160,7 +160,7 @@ async fn cursors_from_another_list_or_order_are_refused() {
     }
 }
 
-/// Review lists are resolved by a direct walk when the selection is plain
+/// Review lists and ratings are resolved by a direct walk when the selection is plain
 /// (`graphql/types/direct.rs`) and by the derived resolvers otherwise
 /// (here: the same selection inside inline fragments, which the walk never
 /// takes): both must give the same answer, field for field.
@@ -181,10 +181,12 @@ async fn review_lists_resolved_directly_answer_as_the_derived_resolvers_do() {
     }
     let queries = |wrap: bool| {
         let l = list(wrap);
+        let fields = "average count distribution __typename n: count";
+        let rating = if wrap { format!("... on OfferRating {{ {fields} }}") } else { fields.to_owned() };
         [
             format!("query($id: ID!) {{ offer(id: $id) {{ reviews(first: 4, order: HIGHEST_RATING) {{ {l} }} }} }}"),
             format!("query($id: ID!) {{ user(id: \"user-000001\") {{ reviews(first: 3) {{ {l} }} }} other: offer(id: $id) {{ reviews(first: 2) {{ {l} }} }} }}"),
-            format!("query($r: [_Any!]!) {{ _entities(representations: $r) {{ ... on Offer {{ id reviews(first: 5) {{ {l} }} }} }} }}"),
+            format!("query($r: [_Any!]!) {{ _entities(representations: $r) {{ ... on Offer {{ id rating {{ {rating} }} reviews(first: 5) {{ {l} }} }} }} }}"),
         ]
     };
     let vars = json!({

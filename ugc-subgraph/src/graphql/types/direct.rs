@@ -1,12 +1,14 @@
-//! Review lists resolved directly: a page already loaded becomes its GraphQL
-//! value in one walk over the selection, without a future per field.
+//! Review lists and rating aggregates resolved directly: a page (or an
+//! aggregate) already loaded becomes its GraphQL value in one walk over the
+//! selection, without a future per field.
 //!
-//! Why: async-graphql resolves every field of every object as a boxed
-//! future polled through a `FuturesUnordered`. Under an offer's `reviews`
-//! everything is in memory once the page is loaded, yet a 20-offer
-//! `_entities` answer resolves ~500 such fields: that machinery was ~30 % of
-//! the executed path's CPU (perf, data in L1). No option of the library
-//! resolves a subtree synchronously, so this walk is written by hand.
+//! Why: async-graphql resolves every field of every object (and every item
+//! of a list) as a boxed future polled through a `FuturesUnordered`. Under
+//! an offer's `reviews` and `rating` everything is in memory once loaded,
+//! yet a 20-offer `_entities` answer resolves ~700 such fields: that
+//! machinery was ~35 % of the executed path's CPU (perf, data in L1). No
+//! option of the library resolves a subtree synchronously, so this walk is
+//! written by hand.
 //!
 //! Only plain selections are walked: fields without directives, aliases
 //! allowed, each response key once, no fragment spreads, and only fields
@@ -25,7 +27,7 @@ use async_graphql::parser::types::{Field, Selection, SelectionSet};
 use async_graphql::registry::Registry;
 use async_graphql::{ContextSelectionSet, InputType, Name, OutputType, Positioned, ServerResult, Value};
 
-use super::{clamp_count, DateTime, Review, ReviewConnection};
+use super::{clamp_count, DateTime, OfferRating, Review, ReviewConnection};
 
 /// A [`ReviewConnection`] as a field's value: the same GraphQL type,
 /// resolved by the walk below when the selection allows it.
@@ -42,6 +44,36 @@ impl OutputType for Connection {
 
     async fn resolve(&self, ctx: &ContextSelectionSet<'_>, field: &Positioned<Field>) -> ServerResult<Value> {
         match connection(&self.0, &ctx.item.node) {
+            Some(value) => Ok(value),
+            None => OutputType::resolve(&self.0, ctx, field).await,
+        }
+    }
+}
+
+/// An [`OfferRating`] as a field's value, resolved the same way.
+pub struct Rating(pub OfferRating);
+
+impl OutputType for Rating {
+    fn type_name() -> Cow<'static, str> {
+        OfferRating::type_name()
+    }
+
+    fn create_type_info(registry: &mut Registry) -> String {
+        OfferRating::create_type_info(registry)
+    }
+
+    async fn resolve(&self, ctx: &ContextSelectionSet<'_>, field: &Positioned<Field>) -> ServerResult<Value> {
+        let summary = &self.0 .0;
+        let value = object(&ctx.item.node, |f| match f.name.node.as_str() {
+            "__typename" => Some(typename("OfferRating")),
+            "average" => Some(InputType::to_value(&summary.average())),
+            "count" => Some(Value::from(clamp_count(summary.count))),
+            "distribution" => {
+                Some(Value::List(summary.distribution.iter().map(|&n| Value::from(clamp_count(n))).collect()))
+            }
+            _ => None,
+        });
+        match value {
             Some(value) => Ok(value),
             None => OutputType::resolve(&self.0, ctx, field).await,
         }
