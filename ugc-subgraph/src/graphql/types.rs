@@ -91,14 +91,14 @@ impl Offer {
         #[graphql(default_with = "Some(10)")] first: Option<i32>,
         after: Option<String>,
         #[graphql(default_with = "Some(ReviewOrder::Newest)")] order: Option<ReviewOrder>,
-    ) -> Result<direct::Connection, ApiError> {
+    ) -> Result<direct::Direct<ReviewConnection>, ApiError> {
         let scope = ListScope::Offer(self.id.clone());
-        ReviewConnection::load(ctx, scope, order.unwrap_or_default(), first, after).await.map(direct::Connection)
+        ReviewConnection::load(ctx, scope, order.unwrap_or_default(), first, after).await.map(direct::Direct)
     }
 
     /// Aggregate over published reviews of this offer.
-    async fn rating(&self, ctx: &Context<'_>) -> Result<direct::Rating, ApiError> {
-        Ok(direct::Rating(OfferRating(ctx.data_unchecked::<Loaders>().rating(&self.id).await?)))
+    async fn rating(&self, ctx: &Context<'_>) -> Result<direct::Direct<OfferRating>, ApiError> {
+        Ok(direct::Direct(OfferRating(ctx.data_unchecked::<Loaders>().rating(&self.id).await?)))
     }
 }
 
@@ -120,9 +120,9 @@ impl User {
         ctx: &Context<'_>,
         #[graphql(default_with = "Some(10)")] first: Option<i32>,
         after: Option<String>,
-    ) -> Result<direct::Connection, ApiError> {
+    ) -> Result<direct::Direct<ReviewConnection>, ApiError> {
         let scope = ListScope::Author(self.id.clone());
-        ReviewConnection::load(ctx, scope, ReviewOrder::Newest, first, after).await.map(direct::Connection)
+        ReviewConnection::load(ctx, scope, ReviewOrder::Newest, first, after).await.map(direct::Direct)
     }
 
     async fn review_count(&self, ctx: &Context<'_>) -> Result<i32, ApiError> {

@@ -138,7 +138,7 @@ fn operation_name(batch: &BatchRequest) -> &str {
 /// An admitted request: the entity cache, else execution.
 async fn run(
     state: AppState,
-    batch: BatchRequest,
+    mut batch: BatchRequest,
     auth: RequestAuth,
     idempotency: Option<IdempotencyHeader>,
     admitted: Admitted,
@@ -179,7 +179,6 @@ async fn run(
             }
         }
     }
-    let mut batch = batch;
     for request in requests_mut(&mut batch) {
         // Parsed once per text, with its cost analysis (see `cost`).
         if let Some(doc) = state.cost.document(&request.query) {

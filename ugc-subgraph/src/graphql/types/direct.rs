@@ -29,42 +29,38 @@ use async_graphql::{ContextSelectionSet, InputType, Name, OutputType, Positioned
 
 use super::{clamp_count, DateTime, OfferRating, Review, ReviewConnection};
 
-/// A [`ReviewConnection`] as a field's value: the same GraphQL type,
-/// resolved by the walk below when the selection allows it.
-pub struct Connection(pub ReviewConnection);
+/// A value of type `T` as a field's value: the same GraphQL type, resolved
+/// by [`Walk::walk`] when the selection allows it, else by `T`'s derived
+/// resolvers.
+pub struct Direct<T>(pub T);
 
-impl OutputType for Connection {
+/// A type whose value the walk can build from a plain selection.
+pub trait Walk: OutputType {
+    /// The value for `set`, or `None` when the selection is not plain.
+    fn walk(&self, set: &SelectionSet) -> Option<Value>;
+}
+
+impl<T: Walk> OutputType for Direct<T> {
     fn type_name() -> Cow<'static, str> {
-        ReviewConnection::type_name()
+        T::type_name()
     }
 
     fn create_type_info(registry: &mut Registry) -> String {
-        ReviewConnection::create_type_info(registry)
+        T::create_type_info(registry)
     }
 
     async fn resolve(&self, ctx: &ContextSelectionSet<'_>, field: &Positioned<Field>) -> ServerResult<Value> {
-        match connection(&self.0, &ctx.item.node) {
+        match self.0.walk(&ctx.item.node) {
             Some(value) => Ok(value),
             None => OutputType::resolve(&self.0, ctx, field).await,
         }
     }
 }
 
-/// An [`OfferRating`] as a field's value, resolved the same way.
-pub struct Rating(pub OfferRating);
-
-impl OutputType for Rating {
-    fn type_name() -> Cow<'static, str> {
-        OfferRating::type_name()
-    }
-
-    fn create_type_info(registry: &mut Registry) -> String {
-        OfferRating::create_type_info(registry)
-    }
-
-    async fn resolve(&self, ctx: &ContextSelectionSet<'_>, field: &Positioned<Field>) -> ServerResult<Value> {
-        let summary = &self.0 .0;
-        let value = object(&ctx.item.node, |f| match f.name.node.as_str() {
+impl Walk for OfferRating {
+    fn walk(&self, set: &SelectionSet) -> Option<Value> {
+        let summary = &self.0;
+        object(set, |f| match f.name.node.as_str() {
             "__typename" => Some(typename("OfferRating")),
             "average" => Some(InputType::to_value(&summary.average())),
             "count" => Some(Value::from(clamp_count(summary.count))),
@@ -72,11 +68,13 @@ impl OutputType for Rating {
                 Some(Value::List(summary.distribution.iter().map(|&n| Value::from(clamp_count(n))).collect()))
             }
             _ => None,
-        });
-        match value {
-            Some(value) => Ok(value),
-            None => OutputType::resolve(&self.0, ctx, field).await,
-        }
+        })
+    }
+}
+
+impl Walk for ReviewConnection {
+    fn walk(&self, set: &SelectionSet) -> Option<Value> {
+        connection(self, set)
     }
 }
 
