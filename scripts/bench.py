@@ -547,6 +547,8 @@ def fast_path(seconds):
         time.sleep(1)
         rows.append(("fragments on, 100 writes/s beside", measured(inst, seconds)))
         writer.wait(timeout=seconds + 60)
+        # Its own fragments (the variable's value keys them): warmed like the literal shape's.
+        wrk(4191, 5, variable=True)
         rows.append(("fragments on, `reviews(first: $n)`", measured(inst, seconds, variable=True)))
     finally:
         inst.stop()
