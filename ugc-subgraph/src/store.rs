@@ -132,16 +132,26 @@ impl Store {
         Ok(applied == Some(latest))
     }
 
-    /// The data epoch (see the `data_epoch` migration).
+    /// The data epoch (see the `data_epoch` migration). Reads must then see
+    /// the primary as it is now ([`Store::require`]): a seed (or a migration
+    /// before start-up) moves the epoch without an outbox event, and a load
+    /// from a replica that has not replayed it would be cached as fresh
+    /// under the new epoch.
     ///
     /// # Errors
     /// Postgres unavailable or failing.
     pub async fn data_epoch(&self) -> Result<i64, StoreError> {
-        self.timed(
-            "data_epoch",
-            sqlx::query_scalar("SELECT epoch FROM data_epoch WHERE singleton").fetch_one(&self.primary),
-        )
-        .await
+        let (epoch, lsn): (i64, i64) = self
+            .timed(
+                "data_epoch",
+                sqlx::query_as(
+                    "SELECT epoch, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint FROM data_epoch WHERE singleton",
+                )
+                .fetch_one(&self.primary),
+            )
+            .await?;
+        self.require(u64::try_from(lsn).unwrap_or(0));
+        Ok(epoch)
     }
 
     /// Runs one statement, recording its latency and outcome.
