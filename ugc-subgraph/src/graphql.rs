@@ -10,6 +10,7 @@ mod entities;
 pub mod entity_cache;
 mod mutation;
 mod query;
+pub mod raw_request;
 pub mod types;
 
 use async_graphql::{EmptySubscription, MergedObject, SDLExportOptions, Schema, SchemaBuilder};

@@ -147,7 +147,7 @@ impl Analysis {
     pub fn admit(
         &self,
         operation: Option<&str>,
-        variables: &Variables,
+        variables: &impl CostVariables,
         limits: &GraphqlConfig,
     ) -> Result<Admitted, CostError> {
         let picked: Vec<&Operation> = match operation {
@@ -174,17 +174,39 @@ impl Analysis {
     }
 }
 
-fn cost(node: &Node, variables: &Variables, representations: &mut u64) -> u64 {
+/// What the cost reads of a request's variables. Implemented for parsed
+/// [`Variables`] and for a body's unparsed ones
+/// ([`RawVariables`](super::raw_request::RawVariables)): an answer from
+/// rendered fragments is admitted without building `Variables`.
+pub trait CostVariables {
+    /// The variable's value when it is a number, as a count (a fraction or
+    /// a negative number: 0).
+    fn count(&self, name: &str) -> Option<u64>;
+    /// The variable's length when it is a list.
+    fn list_len(&self, name: &str) -> Option<usize>;
+}
+
+impl CostVariables for Variables {
+    fn count(&self, name: &str) -> Option<u64> {
+        match self.get(name) {
+            Some(ConstValue::Number(n)) => Some(n.as_u64().unwrap_or(0)),
+            _ => None,
+        }
+    }
+
+    fn list_len(&self, name: &str) -> Option<usize> {
+        match self.get(name) {
+            Some(ConstValue::List(list)) => Some(list.len()),
+            _ => None,
+        }
+    }
+}
+
+fn cost(node: &Node, variables: &impl CostVariables, representations: &mut u64) -> u64 {
     let times = match &node.times {
         Times::Fixed(n) => *n,
-        Times::First(var) => match variables.get(var) {
-            Some(ConstValue::Number(n)) => n.as_u64().unwrap_or(0).min(MAX_PAGE_SIZE as u64),
-            _ => DEFAULT_FIRST,
-        },
-        Times::Representations(var) => match variables.get(var) {
-            Some(ConstValue::List(list)) => list.len() as u64,
-            _ => 0,
-        },
+        Times::First(var) => variables.count(var).map_or(DEFAULT_FIRST, |n| n.min(MAX_PAGE_SIZE as u64)),
+        Times::Representations(var) => variables.list_len(var).map_or(0, |n| n as u64),
     };
     if node.entities {
         *representations = representations.saturating_add(times);

@@ -36,6 +36,7 @@
 //! this request's answer for its entity, errors included: it is not run a
 //! second time on the normal path.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,7 @@ use moka::sync::Cache as MokaSync;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::raw_request::{RawRequest, RawVariables};
 use super::{RequestAuth, UgcSchema};
 use crate::cache::Tag;
 use crate::events::cascade;
@@ -73,6 +75,24 @@ struct FragmentKey {
     vars: Arc<str>,
     typename: &'static str,
     id: String,
+}
+
+/// A [`FragmentKey`] of borrowed parts, to look a fragment up without
+/// building its key. Its fields are those of `FragmentKey`, in the same
+/// order and hashed alike (`Arc<str>`, `String` and `&str` all hash as
+/// `str`): the derived hashes are equal.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    query: u64,
+    vars: &'a str,
+    typename: &'static str,
+    id: &'a str,
+}
+
+impl quick_cache::Equivalent<FragmentKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &FragmentKey) -> bool {
+        self.query == key.query && self.typename == key.typename && self.id == key.id && self.vars == &*key.vars
+    }
 }
 
 struct Fragment {
@@ -245,7 +265,11 @@ impl EntityCache {
             }
         };
         let GqlValue::List(reps) = request.variables.get(variable)? else { return None };
-        let vars: Arc<str> = if shape.extra.is_empty() { Arc::from("") } else { extra_values(shape, request)?.into() };
+        let vars: Arc<str> = if shape.extra.is_empty() {
+            Arc::from("")
+        } else {
+            extra_values(shape, |name| Ok(request.variables.get(name).cloned()))?.into()
+        };
         let mut keys = Vec::with_capacity(reps.len());
         for rep in reps {
             keys.push(representation(rep, known.serial, &vars)?);
@@ -262,20 +286,14 @@ impl EntityCache {
         // Counted once per type and outcome: a metric update per entity showed in the profile.
         let mut counts = [[0u64; 2]; TYPES.len()];
         for (i, key) in keys.iter().enumerate() {
-            let hit = self.fragments.get(key).filter(|f| f.expires > now && self.cache.tokens_current(&f.deps));
+            let hit = self.current(key, now);
             counts[type_index(key.typename)][usize::from(hit.is_some())] += 1;
             if hit.is_none() {
                 missing.push(i);
             }
             parts.push(hit);
         }
-        for (typename, [misses, hits]) in TYPES.into_iter().zip(counts) {
-            for (n, result) in [(hits, "hit"), (misses, "miss")] {
-                if n > 0 {
-                    self.metrics.cache_n("entity", typename, result, n);
-                }
-            }
-        }
+        self.count(counts);
 
         // Renderings another request has under way: waited for, briefly.
         self.await_renderings(&keys, &mut parts, &mut missing).await;
@@ -316,8 +334,78 @@ impl EntityCache {
             }
         }
 
+        let parts: Vec<&Arc<Fragment>> = parts.iter().map(Option::as_ref).collect::<Option<_>>()?;
+        Some(self.entities_body(&parts))
+    }
+
+    /// The answer of a request read straight from its body
+    /// ([`RawRequest`]) when it qualifies and every entity it asks for has
+    /// a current fragment: no `Request`, no key built, nothing rendered.
+    /// `None` leaves it to [`EntityCache::execute`], which counts the
+    /// lookups and renders the misses.
+    pub fn serve_hits(&self, request: &RawRequest<'_>, variables: &RawVariables<'_>) -> Option<Served> {
+        let now = Instant::now();
+        if !self.enabled || !self.cache.gate().is_open(now) {
+            return None;
+        }
+        let known = self.shape(&request.query, request.operation_name.as_deref())?;
+        let shape = known.shape.as_ref()?;
+        let vars = if shape.extra.is_empty() {
+            String::new()
+        } else {
+            extra_values(shape, |name| variables.get(name).map(|raw| serde_json::from_str(raw.get())).transpose())?
+        };
+        let variable = match &shape.root {
+            Root::Entities { variable } => variable,
+            Root::Field { key, typename, id } => {
+                let id = match id {
+                    IdArg::Literal(id) => Cow::Borrowed(id.as_str()),
+                    IdArg::Variable(name) => variables.string(name)?,
+                };
+                let fragment = self.current(&KeyRef { query: known.serial, vars: &vars, typename, id: &id }, now)?;
+                self.metrics.cache("entity", typename, "hit");
+                return Some(self.field_body(key, &fragment));
+            }
+        };
+        let reps: Vec<RawRepresentation<'_>> = serde_json::from_str(variables.get(variable)?.get()).ok()?;
+        let mut parts = Vec::with_capacity(reps.len());
+        let mut counts = [[0u64; 2]; TYPES.len()];
+        for rep in &reps {
+            let typename = TYPES.into_iter().find(|known| *known == rep.typename)?;
+            let key = KeyRef { query: known.serial, vars: &vars, typename, id: &rep.id };
+            parts.push(self.current(&key, now)?);
+            counts[type_index(typename)][1] += 1;
+        }
+        self.count(counts);
+        let parts: Vec<&Arc<Fragment>> = parts.iter().collect();
+        Some(self.entities_body(&parts))
+    }
+
+    /// The fragment under `key`, if it is still fresh and current.
+    fn current<Q>(&self, key: &Q, now: Instant) -> Option<Arc<Fragment>>
+    where
+        Q: std::hash::Hash + quick_cache::Equivalent<FragmentKey>,
+    {
+        self.fragments.get(key).filter(|f| f.expires > now && self.cache.tokens_current(&f.deps))
+    }
+
+    /// Counts lookups `[misses, hits]` per entity type: once per type and
+    /// outcome (a metric update per entity showed in the profile).
+    fn count(&self, counts: [[u64; 2]; TYPES.len()]) {
+        for (typename, [misses, hits]) in TYPES.into_iter().zip(counts) {
+            for (n, result) in [(hits, "hit"), (misses, "miss")] {
+                if n > 0 {
+                    self.metrics.cache_n("entity", typename, result, n);
+                }
+            }
+        }
+    }
+
+    /// `{"data":{"_entities":[…]}}` of `parts`, with the router's tags
+    /// when answers carry them.
+    fn entities_body(&self, parts: &[&Arc<Fragment>]) -> Served {
         let tags = |f: &Fragment| if self.router_tags { f.tags.len() + 1 } else { 0 };
-        let size = 64 + parts.iter().flatten().map(|f| f.json.len() + 1 + tags(f)).sum::<usize>();
+        let size = 64 + parts.iter().map(|f| f.json.len() + 1 + tags(f)).sum::<usize>();
         let mut body = String::with_capacity(size);
         body.push_str(r#"{"data":{"_entities":["#);
         let mut expires = None::<Instant>;
@@ -326,7 +414,6 @@ impl EntityCache {
             if n > 0 {
                 body.push(',');
             }
-            let part = part.as_ref()?;
             expires = Some(expires.map_or(part.expires, |e| e.min(part.expires)));
             private |= part.private;
             body.push_str(&part.json);
@@ -334,7 +421,7 @@ impl EntityCache {
         body.push_str("]}");
         if self.router_tags {
             body.push_str(r#","extensions":{"apolloEntityCacheTags":["#);
-            for (n, part) in parts.iter().flatten().enumerate() {
+            for (n, part) in parts.iter().enumerate() {
                 if n > 0 {
                     body.push(',');
                 }
@@ -344,7 +431,7 @@ impl EntityCache {
         }
         body.push('}');
         let fresh_for = expires.map_or(Duration::ZERO, |e| e.saturating_duration_since(Instant::now()));
-        Some(Served { body, fresh_for, failed: false, private })
+        Served { body, fresh_for, failed: false, private }
     }
 
     /// Takes, for the missing entities another request is rendering now,
@@ -402,10 +489,13 @@ impl EntityCache {
                 _ => return None,
             },
         };
-        let vars: Arc<str> = if shape.extra.is_empty() { Arc::from("") } else { extra_values(shape, request)?.into() };
+        let vars: Arc<str> = if shape.extra.is_empty() {
+            Arc::from("")
+        } else {
+            extra_values(shape, |name| Ok(request.variables.get(name).cloned()))?.into()
+        };
         let fragment_key = FragmentKey { query: known.serial, vars, typename, id };
-        let now = Instant::now();
-        let hit = self.fragments.get(&fragment_key).filter(|f| f.expires > now && self.cache.tokens_current(&f.deps));
+        let hit = self.current(&fragment_key, Instant::now());
         self.metrics.cache("entity", typename, if hit.is_some() { "hit" } else { "miss" });
         if let Some(fragment) = hit {
             return Some(self.field_body(key, &fragment));
@@ -734,16 +824,27 @@ fn representation(rep: &GqlValue, query: u64, vars: &Arc<str>) -> Option<Fragmen
     Some(FragmentKey { query, vars: Arc::clone(vars), typename, id: id.clone() })
 }
 
-/// The canonical values of the shape's other variables: as sent, else the
-/// default, else null (absent and null render alike), as one JSON text.
-/// `None` when a value cannot be written (then the request executes normally).
-fn extra_values(shape: &Shape, request: &async_graphql::Request) -> Option<String> {
-    let values: Vec<&GqlValue> = shape
-        .extra
-        .iter()
-        .map(|(name, default)| request.variables.get(name).or(default.as_ref()).unwrap_or(&GqlValue::Null))
-        .collect();
+/// The canonical values of the shape's other variables: as `sent`, else
+/// the default, else null (absent and null render alike), as one JSON
+/// text. `None` when a value cannot be read or written (then the request
+/// executes normally).
+fn extra_values(shape: &Shape, sent: impl Fn(&str) -> Result<Option<GqlValue>, serde_json::Error>) -> Option<String> {
+    let mut values = Vec::with_capacity(shape.extra.len());
+    for (name, default) in &shape.extra {
+        values.push(sent(name).ok()?.or_else(|| default.clone()).unwrap_or(GqlValue::Null));
+    }
     serde_json::to_string(&values).ok()
+}
+
+/// A representation as the body carries it: `{ "__typename": …, "id": … }`
+/// and nothing else, as [`representation`] requires.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepresentation<'a> {
+    #[serde(rename = "__typename", borrow)]
+    typename: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
 }
 
 /// Does the query qualify (see the module doc)? Returns its variable.
@@ -904,6 +1005,26 @@ mod tests {
             assert!(cache.known(42, b, None).is_none(), "b collides with a's key: not a's shape");
             assert!(cache.known(42, a, Some("Op")).is_none(), "another operation name is another query");
             assert!(cache.known(43, b, None).is_some(), "b under its own key qualifies");
+        }
+    }
+
+    #[test]
+    fn a_borrowed_key_finds_what_its_owned_key_stored() {
+        let owned = FragmentKey { query: 7, vars: Arc::from("[5]"), typename: "Offer", id: "offer-1".to_owned() };
+        let borrowed = KeyRef { query: 7, vars: "[5]", typename: "Offer", id: "offer-1" };
+        let hasher = Hasher::default();
+        assert_eq!(hasher.hash_one(&owned), hasher.hash_one(&borrowed));
+        let fragments: quick_cache::sync::Cache<FragmentKey, u8, quick_cache::UnitWeighter, Hasher> =
+            quick_cache::sync::Cache::with(16, 16, quick_cache::UnitWeighter, Hasher::default(), Default::default());
+        fragments.insert(owned, 1);
+        assert_eq!(fragments.get(&borrowed), Some(1));
+        for other in [
+            KeyRef { query: 8, ..borrowed },
+            KeyRef { vars: "[6]", ..borrowed },
+            KeyRef { typename: "User", ..borrowed },
+            KeyRef { id: "offer-2", ..borrowed },
+        ] {
+            assert_eq!(fragments.get(&other), None);
         }
     }
 

@@ -25,6 +25,8 @@ use super::cache_control;
 use super::client::ClientAddr;
 use super::layers::{error_body, too_many_requests};
 use crate::graphql::cost::{self, Admitted, CostError, Verdict};
+use crate::graphql::entity_cache::Served;
+use crate::graphql::raw_request::RawRequest;
 use crate::graphql::{IdempotencyHeader, RequestAuth};
 use crate::http::state::AppState;
 use crate::loaders::{recording, Recorder};
@@ -68,6 +70,9 @@ pub async fn execute(
         }
         Err(rejection) => return reject(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", &rejection.body_text()),
     };
+    if let Some(response) = from_fragments(&state, &headers, &body, format) {
+        return response;
+    }
     let batch = match parse_body(&body) {
         Ok(batch) => batch,
         Err(e) => {
@@ -106,6 +111,39 @@ pub async fn execute(
         graphql.operations = requests(&batch).count(),
     );
     run(state, batch, auth, idempotency, admitted, format).instrument(span).await
+}
+
+/// The answer of a request whose every entity has a current rendered
+/// fragment, read straight from the body ([`RawRequest`]) under the same
+/// cost limits. `None`: the body goes the whole way, which also answers
+/// every refusal (this path only ever serves). Its operation span is
+/// recorded once it has served: one that did not serve leaves no trace.
+fn from_fragments(state: &AppState, headers: &HeaderMap, body: &[u8], format: &'static str) -> Option<Response> {
+    let started = Instant::now();
+    let request = RawRequest::parse(body)?;
+    let variables = request.variables()?;
+    if request.query.trim().is_empty() || idempotency_header(headers).is_err() {
+        return None;
+    }
+    let limits = state.cost.limits();
+    let Verdict::Analysed(analysis) = state.cost.analyse(&request.query) else { return None };
+    let operation = request.operation_name.as_deref();
+    let admitted = analysis.as_ref().as_ref().ok()?.admit(operation, &variables, limits).ok()?;
+    if admitted.mutation || cost::check_request(1, admitted.cost, limits).is_err() {
+        return None;
+    }
+    let served = state.entity_cache.serve_hits(&request, &variables)?;
+    let name = operation.unwrap_or("anonymous");
+    let _span = crate::child_span!(
+        "graphql.operation",
+        otel.name = %format_args!("query {name}"),
+        graphql.operation.type = "query",
+        graphql.operation.name = name,
+        graphql.operations = 1,
+    )
+    .entered();
+    observe(state, "query", state.config.metrics_operations.label(name), "ok", started);
+    Some(fragments_response(format, served))
 }
 
 /// One request (a JSON object) or a batch (a non-empty array of them).
@@ -160,14 +198,7 @@ async fn run(
             Ok(Some(served)) => {
                 drop(in_flight);
                 observe(&state, operation, name, if served.failed { "error" } else { "ok" }, started);
-                let mut response = raw_json_response(format, served.body);
-                let hint = match (served.failed, served.private) {
-                    (true, _) => cache_control::NO_STORE,
-                    (false, true) => cache_control::PRIVATE,
-                    (false, false) => cache_control::public(served.fresh_for),
-                };
-                response.headers_mut().insert(header::CACHE_CONTROL, hint);
-                return response;
+                return fragments_response(format, served);
             }
             // Not an entity fetch the cache serves: execute it below.
             Ok(None) => {}
@@ -373,9 +404,17 @@ fn json_response(status: StatusCode, content_type: &'static str, body: &impl ser
     }
 }
 
-fn raw_json_response(content_type: &'static str, body: String) -> Response {
-    let mut response = Response::new(Body::from(body));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+/// An answer from rendered fragments, with what caches in front may do with it.
+fn fragments_response(content_type: &'static str, served: Served) -> Response {
+    let mut response = Response::new(Body::from(served.body));
+    let hint = match (served.failed, served.private) {
+        (true, _) => cache_control::NO_STORE,
+        (false, true) => cache_control::PRIVATE,
+        (false, false) => cache_control::public(served.fresh_for),
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, hint);
     response
 }
 
