@@ -335,6 +335,13 @@ impl<S: Source> Cache<S> {
         deps.iter().all(|(tag, token)| self.inner.gens.current(tag) == *token)
     }
 
+    /// Invalidations applied on this instance so far: tokens found current
+    /// after reading a value stay current while it reads the same
+    /// (`Generations::moves`).
+    pub fn invalidations(&self) -> u64 {
+        self.inner.gens.moves()
+    }
+
     /// The base freshness, jittered, for caches built on this one.
     pub fn ttl(&self) -> Duration {
         jitter(self.inner.config.ttl)

@@ -19,6 +19,9 @@ const STRIPES: usize = 1 << 16;
 
 pub struct Generations {
     stripes: Box<[AtomicU64]>,
+    /// Bumps so far, counted after their stripes moved: while it reads the
+    /// same, no token checked since has changed (see [`Generations::moves`]).
+    moves: AtomicU64,
     /// foldhash, not SipHash: every L1 read and every rendered fragment's
     /// dependencies hash their tags here (SipHash was 6 % of a fragment
     /// answer's CPU). Seeded per process; a collision only costs a miss.
@@ -27,7 +30,11 @@ pub struct Generations {
 
 impl Default for Generations {
     fn default() -> Self {
-        Self { stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(), hasher: Default::default() }
+        Self {
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            moves: AtomicU64::new(0),
+            hasher: Default::default(),
+        }
     }
 }
 
@@ -50,6 +57,7 @@ impl Generations {
 
     pub fn bump(&self, tag: &Tag) {
         self.stripe(tag.as_ref()).fetch_add(1, Ordering::AcqRel);
+        self.moves.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Invalidates everything (e.g. after losing the event stream).
@@ -57,6 +65,17 @@ impl Generations {
         for s in self.stripes.iter() {
             s.fetch_add(1, Ordering::AcqRel);
         }
+        self.moves.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many bumps have completed. Tokens found current after reading
+    /// `moves() == m` are all still current while `moves()` reads `m`: a
+    /// bump moves its stripe first, then this count, so a reader that sees
+    /// the old count either checked before the stripe moved (and the new
+    /// count tells the next reader to check again) or saw the stripe move.
+    /// One load in place of a check per token, while nothing is written.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Acquire)
     }
 }
 
@@ -75,5 +94,16 @@ mod tests {
         let before = g.current(&other);
         g.bump_all();
         assert_ne!(g.current(&other), before);
+    }
+
+    #[test]
+    fn every_bump_moves_the_count_after_its_stripe() {
+        let g = Generations::default();
+        let tag = Tag::Offer("o1".into());
+        let (moves, token) = (g.moves(), g.current(&tag));
+        g.bump(&tag);
+        assert_eq!((g.moves(), g.current(&tag)), (moves + 1, token + 1));
+        g.bump_all();
+        assert_eq!(g.moves(), moves + 2);
     }
 }

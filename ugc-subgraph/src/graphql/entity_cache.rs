@@ -103,6 +103,10 @@ struct Fragment {
     tags: Box<str>,
     /// The rendering depended on the viewer: this request's answer only.
     private: bool,
+    /// [`Cache::invalidations`](crate::cache::Cache::invalidations) when
+    /// `deps` were last all found current (`u64::MAX`: never): while it
+    /// has not moved, they need no check.
+    checked: AtomicU64,
 }
 
 /// An answer from rendered fragments: the body, and how long it stays
@@ -114,6 +118,15 @@ pub struct Served {
     pub failed: bool,
     /// Some entity's rendering depended on the viewer.
     pub private: bool,
+}
+
+/// A request's every entity found current ([`EntityCache::hits`]).
+pub struct Hits {
+    parts: Vec<Arc<Fragment>>,
+    /// Lookups per type, `[misses, hits]`.
+    counts: [[u64; 2]; TYPES.len()],
+    /// The root field's response key; `None`: `_entities`.
+    field: Option<Name>,
 }
 
 /// What a qualifying query asks for, and the parsed document (parsed once
@@ -338,12 +351,14 @@ impl EntityCache {
         Some(self.entities_body(&parts))
     }
 
-    /// The answer of a request read straight from its body
-    /// ([`RawRequest`]) when it qualifies and every entity it asks for has
-    /// a current fragment: no `Request`, no key built, nothing rendered.
-    /// `None` leaves it to [`EntityCache::execute`], which counts the
-    /// lookups and renders the misses.
-    pub fn serve_hits(&self, request: &RawRequest<'_>, variables: &RawVariables<'_>) -> Option<Served> {
+    /// The current fragments of everything a request read straight from
+    /// its body ([`RawRequest`]) asks for, when it qualifies and all of
+    /// them are there (at most `max` entities): no `Request`, no key
+    /// built, nothing rendered, nothing counted yet. `None` leaves it to
+    /// [`EntityCache::execute`], which counts the lookups and renders the
+    /// misses. Notes the representations' count in `variables` (for the
+    /// cost).
+    pub fn hits(&self, request: &RawRequest<'_>, variables: &RawVariables<'_>, max: usize) -> Option<Hits> {
         let now = Instant::now();
         if !self.enabled || !self.cache.gate().is_open(now) {
             return None;
@@ -355,6 +370,7 @@ impl EntityCache {
         } else {
             extra_values(shape, |name| variables.get(name).map(|raw| serde_json::from_str(raw.get())).transpose())?
         };
+        let mut counts = [[0u64; 2]; TYPES.len()];
         let variable = match &shape.root {
             Root::Entities { variable } => variable,
             Root::Field { key, typename, id } => {
@@ -363,22 +379,32 @@ impl EntityCache {
                     IdArg::Variable(name) => variables.string(name)?,
                 };
                 let fragment = self.current(&KeyRef { query: known.serial, vars: &vars, typename, id: &id }, now)?;
-                self.metrics.cache("entity", typename, "hit");
-                return Some(self.field_body(key, &fragment));
+                counts[type_index(typename)][1] = 1;
+                return Some(Hits { parts: vec![fragment], counts, field: Some(key.clone()) });
             }
         };
         let reps: Vec<RawRepresentation<'_>> = serde_json::from_str(variables.get(variable)?.get()).ok()?;
+        if reps.len() > max {
+            return None;
+        }
+        variables.note_list_len(variable, reps.len());
         let mut parts = Vec::with_capacity(reps.len());
-        let mut counts = [[0u64; 2]; TYPES.len()];
         for rep in &reps {
             let typename = TYPES.into_iter().find(|known| *known == rep.typename)?;
             let key = KeyRef { query: known.serial, vars: &vars, typename, id: &rep.id };
             parts.push(self.current(&key, now)?);
             counts[type_index(typename)][1] += 1;
         }
-        self.count(counts);
-        let parts: Vec<&Arc<Fragment>> = parts.iter().collect();
-        Some(self.entities_body(&parts))
+        Some(Hits { parts, counts, field: None })
+    }
+
+    /// The answer of [`EntityCache::hits`], counted.
+    pub fn serve(&self, hits: Hits) -> Served {
+        self.count(hits.counts);
+        match (&hits.field, &hits.parts[..]) {
+            (Some(key), [fragment]) => self.field_body(key, fragment),
+            _ => self.entities_body(&hits.parts.iter().collect::<Vec<_>>()),
+        }
     }
 
     /// The fragment under `key`, if it is still fresh and current.
@@ -386,7 +412,22 @@ impl EntityCache {
     where
         Q: std::hash::Hash + quick_cache::Equivalent<FragmentKey>,
     {
-        self.fragments.get(key).filter(|f| f.expires > now && self.cache.tokens_current(&f.deps))
+        self.fragments.get(key).filter(|f| f.expires > now && self.still_current(f))
+    }
+
+    /// Has none of `fragment`'s dependencies been invalidated since it was
+    /// rendered? Checked tag by tag only when some invalidation was applied
+    /// since they were last found current.
+    fn still_current(&self, fragment: &Fragment) -> bool {
+        let invalidations = self.cache.invalidations();
+        if fragment.checked.load(Ordering::Relaxed) == invalidations {
+            return true;
+        }
+        let current = self.cache.tokens_current(&fragment.deps);
+        if current {
+            fragment.checked.store(invalidations, Ordering::Relaxed);
+        }
+        current
     }
 
     /// Counts lookups `[misses, hits]` per entity type: once per type and
@@ -461,7 +502,7 @@ impl EntityCache {
         .await;
         let now = Instant::now();
         for (i, fragment) in rendered {
-            if let Some(fragment) = fragment.filter(|f| f.expires > now && self.cache.tokens_current(&f.deps)) {
+            if let Some(fragment) = fragment.filter(|f| f.expires > now && self.still_current(f)) {
                 // Counted as a miss above, and as shared: served by another's rendering.
                 self.metrics.cache("entity", keys[i].typename, "shared");
                 parts[i] = Some(fragment);
@@ -534,6 +575,7 @@ impl EntityCache {
             expires,
             tags,
             private,
+            checked: AtomicU64::new(u64::MAX),
         });
         if fragment.private {
             // This viewer's answer only.
@@ -649,6 +691,7 @@ impl EntityCache {
                 expires,
                 tags,
                 private,
+                checked: AtomicU64::new(u64::MAX),
             }));
         }
         match failed {

@@ -12,6 +12,7 @@
 //! decides an answer, and nothing here allocates per variable value.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use serde::de::IgnoredAny;
@@ -36,7 +37,12 @@ pub struct RawRequest<'a> {
 }
 
 /// The request's variables by name, each still JSON text.
-pub struct RawVariables<'a>(HashMap<&'a str, &'a RawValue, foldhash::fast::RandomState>);
+pub struct RawVariables<'a> {
+    values: HashMap<&'a str, &'a RawValue, foldhash::fast::RandomState>,
+    /// A list's length already known to whoever read the list (the entity
+    /// cache reads the representations): not scanned again for the cost.
+    known_len: Cell<Option<(&'a str, usize)>>,
+}
 
 impl<'a> RawRequest<'a> {
     /// The body as one request; `None` for a batch or anything unusual.
@@ -50,17 +56,26 @@ impl<'a> RawRequest<'a> {
     /// Its variables (none sent, or `null`: none); `None` when they are
     /// not an object of plainly written names.
     pub fn variables(&self) -> Option<RawVariables<'a>> {
-        match self.variables {
-            None => Some(RawVariables(HashMap::default())),
-            Some(raw) => serde_json::from_str(raw.get()).ok().map(RawVariables),
-        }
+        let values = match self.variables {
+            None => HashMap::default(),
+            Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        };
+        Some(RawVariables { values, known_len: Cell::new(None) })
     }
 }
 
 impl<'a> RawVariables<'a> {
     /// The JSON text of variable `name`, if it was sent.
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.0.get(name).copied()
+        self.values.get(name).copied()
+    }
+
+    /// Tells [`CostVariables::list_len`] that list `name` has `len` items
+    /// (the caller has read it as a list).
+    pub fn note_list_len(&self, name: &str, len: usize) {
+        if let Some((&key, _)) = self.values.get_key_value(name) {
+            self.known_len.set(Some((key, len)));
+        }
     }
 
     /// Variable `name` as a string (escapes resolved), if it is one.
@@ -79,6 +94,11 @@ impl CostVariables for RawVariables<'_> {
     }
 
     fn list_len(&self, name: &str) -> Option<usize> {
+        if let Some((known, len)) = self.known_len.get() {
+            if known == name {
+                return Some(len);
+            }
+        }
         serde_json::from_str::<Vec<IgnoredAny>>(self.get(name)?.get()).ok().map(|l| l.len())
     }
 }
@@ -101,6 +121,10 @@ mod tests {
             assert_eq!(vars.list_len(name), full.variables.list_len(name), "{name}");
         }
         assert_eq!(vars.string("s").as_deref(), Some("x\"y"));
+        vars.note_list_len("l", 2);
+        assert_eq!(vars.list_len("l"), Some(2));
+        vars.note_list_len("absent", 9);
+        assert_eq!(vars.list_len("absent"), None, "only a variable that was sent");
         assert_eq!(vars.string("n"), None);
     }
 

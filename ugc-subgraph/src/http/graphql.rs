@@ -127,12 +127,13 @@ fn from_fragments(state: &AppState, headers: &HeaderMap, body: &[u8], format: &'
     }
     let limits = state.cost.limits();
     let Verdict::Analysed(analysis) = state.cost.analyse(&request.query) else { return None };
+    let hits = state.entity_cache.hits(&request, &variables, limits.max_representations)?;
     let operation = request.operation_name.as_deref();
     let admitted = analysis.as_ref().as_ref().ok()?.admit(operation, &variables, limits).ok()?;
     if admitted.mutation || cost::check_request(1, admitted.cost, limits).is_err() {
         return None;
     }
-    let served = state.entity_cache.serve_hits(&request, &variables)?;
+    let served = state.entity_cache.serve(hits);
     let name = operation.unwrap_or("anonymous");
     let _span = crate::child_span!(
         "graphql.operation",
