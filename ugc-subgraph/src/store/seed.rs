@@ -140,7 +140,10 @@ impl Store {
         for (name, _) in &indexes {
             sqlx::query(&format!("DROP INDEX {name}")).execute(&mut *tx).await.map_err(q)?;
         }
-        sqlx::query("ALTER TABLE reviews DISABLE TRIGGER reviews_aggregates").execute(&mut *tx).await.map_err(q)?;
+        sqlx::query("ALTER TABLE reviews DISABLE TRIGGER reviews_aggregates_insert")
+            .execute(&mut *tx)
+            .await
+            .map_err(q)?;
 
         let mut copy = tx
             .copy_in_raw("COPY reviews (offer_id, author_id, rating, body, status, created_at, updated_at) FROM STDIN")
@@ -192,7 +195,10 @@ impl Store {
         for (_, definition) in &indexes {
             sqlx::query(definition).execute(&mut *tx).await.map_err(q)?;
         }
-        sqlx::query("ALTER TABLE reviews ENABLE TRIGGER reviews_aggregates").execute(&mut *tx).await.map_err(q)?;
+        sqlx::query("ALTER TABLE reviews ENABLE TRIGGER reviews_aggregates_insert")
+            .execute(&mut *tx)
+            .await
+            .map_err(q)?;
         sqlx::query(
             "INSERT INTO offer_ratings (offer_id, review_count, rating_sum, stars_1, stars_2, stars_3, stars_4, stars_5) \
              SELECT offer_id, count(*), sum(rating), \

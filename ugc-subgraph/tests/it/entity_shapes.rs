@@ -278,3 +278,41 @@ async fn concurrent_misses_of_a_fragment_wait_for_one_rendering() {
     assert!(answers.iter().all(|a| *a == expected), "after the edit");
     assert!(expected.to_string().contains("edited under a burst"));
 }
+
+/// Answers read straight from the body (every entity a current fragment)
+/// pass the same checks as the rest: the representation limit, the
+/// `Idempotency-Key` header, a malformed body.
+#[tokio::test]
+async fn answers_from_fragments_are_admitted_like_any_other() {
+    let app = TestApp::start_with(&[("UGC_MAX_REPRESENTATIONS", "3")]).await;
+    app.seed(6, 40, 120).await;
+    let query = "query($r: [_Any!]!) { _entities(representations: $r) { ... on Offer { id rating { count } } } }";
+    let three = offers(&["offer-000001", "offer-000002", "offer-000003"]);
+    let first = data(&app, None, query, &json!({ "r": three })).await;
+    let before = entity_hits(&app).await;
+    assert_eq!(data(&app, None, query, &json!({ "r": three })).await, first);
+    assert_eq!(entity_hits(&app).await, before + 3.0, "served from fragments");
+
+    // Four representations, every one of them cached: still over the limit.
+    let four = offers(&["offer-000001", "offer-000002", "offer-000003", "offer-000001"]);
+    let over = app.gql(query, json!({ "r": four })).await;
+    assert_eq!(over["errors"][0]["extensions"]["code"], "MAX_REPRESENTATIONS_LIMIT", "{over}");
+    assert!(over["data"].is_null(), "{over}");
+
+    let body = json!({ "query": query, "variables": { "r": three } });
+    let post = |body: Vec<u8>, key: &'static str| {
+        app.client()
+            .post(app.url("/graphql"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body)
+            .send()
+    };
+    let bad_key = post(serde_json::to_vec(&body).unwrap(), "has a space").await.unwrap();
+    assert_eq!(bad_key.status(), 400, "an invalid Idempotency-Key is refused, fragments or not");
+    let mut truncated = serde_json::to_vec(&body).unwrap();
+    truncated.pop();
+    let malformed = post(truncated, "k").await.unwrap();
+    assert_eq!(malformed.status(), 400, "a body missing its last brace");
+    assert_eq!(entity_hits(&app).await, before + 3.0, "no refused request was served from fragments");
+}
