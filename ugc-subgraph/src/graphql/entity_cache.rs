@@ -894,7 +894,9 @@ struct RawRepresentation<'a> {
 fn qualify(query: &str, operation: Option<&str>) -> Option<Shape> {
     let doc = async_graphql::parser::parse_query(query).ok()?;
     let op = match (&doc.operations, operation) {
-        (DocumentOperations::Single(op), _) => &op.node,
+        // An anonymous operation under a name: execution refuses it.
+        (DocumentOperations::Single(_), Some(_)) => return None,
+        (DocumentOperations::Single(op), None) => &op.node,
         (DocumentOperations::Multiple(ops), Some(name)) => &ops.get(name)?.node,
         // One named operation, sent without `operationName` (the parser
         // files every named operation under Multiple).
@@ -1032,6 +1034,9 @@ mod tests {
         let shape = qualify("{ review(id: \"7\") { text } }", None).unwrap();
         assert!(matches!(&shape.root, Root::Field { typename: "Review", id: IdArg::Literal(id), .. } if id == "7"));
         assert!(qualify("mutation { review(id: \"7\") { text } }", None).is_none());
+        assert!(qualify("{ review(id: \"7\") { text } }", Some("Named")).is_none(), "no such operation");
+        assert!(qualify("query R { review(id: \"7\") { text } }", Some("R")).is_some());
+        assert!(qualify("query R { review(id: \"7\") { text } }", Some("S")).is_none());
     }
 
     #[tokio::test]
