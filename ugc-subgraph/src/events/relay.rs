@@ -131,14 +131,23 @@ impl Events {
     /// (bounded; see `visibility.rs`). Failures are logged: the background
     /// relay retries.
     pub async fn after_commit(&self, event_id: i64, tags: &[Tag]) {
-        // Whatever happens below, this instance's L1 must not serve the old
-        // value to this caller's next request.
-        self.cache.invalidate_local(tags);
         // Before relaying: acknowledgements may arrive as soon as it commits.
         let pending = self.visibility.expect(event_id);
-        if let Err(e) = self.relay(Some(event_id)).await {
-            tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
-            self.wake();
+        // Whatever happens, this instance's L1 must not serve the old value
+        // to this caller's next request. Relaying it here bumps it once,
+        // after L2's tokens moved; bumping it also before (as this did)
+        // refused every fragment rendered in between from the old L2 — and
+        // under writes the hottest offers' waiting requests all rendered
+        // them again. Bumped here only when the relay did not (not claimed:
+        // another relay holds or held it; failed; or more tags than a pass).
+        match self.relay(Some(event_id)).await {
+            Ok(claimed) if claimed > 0 && tags.len() <= TAGS_PER_PASS => {}
+            Ok(_) => self.cache.invalidate_local(tags),
+            Err(e) => {
+                self.cache.invalidate_local(tags);
+                tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
+                self.wake();
+            }
         }
         if let Some(pending) = pending {
             self.visibility.wait(pending).await;
