@@ -309,12 +309,21 @@ impl EntityCache {
         self.count(counts);
 
         // Renderings another request has under way: waited for, briefly.
-        self.await_renderings(&keys, &mut parts, &mut missing).await;
+        let waits = self.waits(&keys, &missing);
+        self.take_rendered(&keys, &mut parts, &mut missing, waits).await;
         span.record("hits", keys.len() - missing.len());
         span.record("misses", missing.len());
         let mut claimed = Claim { cache: self, keys: Vec::new() };
+        let theirs = claimed.claim(&keys, &missing);
+        if !theirs.is_empty() {
+            // Missed at the same moment as another request, which claimed
+            // them first: waited for, not rendered twice (under writes every
+            // request holding a just-invalidated hot offer misses it at
+            // once). What it does not publish is rendered here.
+            self.take_rendered(&keys, &mut parts, &mut missing, theirs).await;
+            drop(claimed.claim(&keys, &missing));
+        }
         if !missing.is_empty() {
-            claimed.claim(&keys, &missing);
             let reps: Vec<&GqlValue> = missing.iter().map(|&i| &reps[i]).collect();
             match self.render(schema, request, shape, variable, auth, &reps).instrument(span.clone()).await {
                 Rendered::Fragments(fragments) => {
@@ -475,22 +484,25 @@ impl EntityCache {
         Served { body, fresh_for, failed: false, private }
     }
 
-    /// Takes, for the missing entities another request is rendering now,
-    /// the fragment it renders (if it is shareable and still current when
-    /// it comes, within [`RENDER_WAIT`]); the others stay missing.
-    async fn await_renderings(
+    /// The renderings another request has under way of the `missing` keys.
+    fn waits(&self, keys: &[FragmentKey], missing: &[usize]) -> Vec<Wait> {
+        let rendering = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        if rendering.is_empty() {
+            return Vec::new();
+        }
+        missing.iter().filter_map(|&i| Some((i, rendering.get(&keys[i])?.clone()))).collect()
+    }
+
+    /// Takes, from the renderings `waits` of missing entities, the fragment
+    /// each renders (if it is shareable and still current when it comes,
+    /// within [`RENDER_WAIT`]); the others stay missing.
+    async fn take_rendered(
         &self,
         keys: &[FragmentKey],
         parts: &mut [Option<Arc<Fragment>>],
         missing: &mut Vec<usize>,
+        waits: Vec<Wait>,
     ) {
-        let waits: Vec<(usize, watch::Receiver<Option<Arc<Fragment>>>)> = {
-            let rendering = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
-            if rendering.is_empty() {
-                return;
-            }
-            missing.iter().filter_map(|&i| Some((i, rendering.get(&keys[i])?.clone()))).collect()
-        };
         if waits.is_empty() {
             return;
         }
@@ -719,17 +731,31 @@ struct Claim<'a> {
     keys: Vec<(FragmentKey, watch::Sender<Option<Arc<Fragment>>>)>,
 }
 
+/// A missing entity's place and the rendering of it another request announced.
+type Wait = (usize, watch::Receiver<Option<Arc<Fragment>>>);
+
 impl Claim<'_> {
-    /// Announces the `missing` keys nobody is rendering yet.
-    fn claim(&mut self, keys: &[FragmentKey], missing: &[usize]) {
+    /// Announces the `missing` keys nobody is rendering yet; returns those
+    /// another request announced first.
+    fn claim(&mut self, keys: &[FragmentKey], missing: &[usize]) -> Vec<Wait> {
+        use std::collections::hash_map::Entry;
         let mut rendering = self.cache.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        let mut theirs = Vec::new();
         for &i in missing {
-            if let std::collections::hash_map::Entry::Vacant(slot) = rendering.entry(keys[i].clone()) {
-                let (tx, rx) = watch::channel(None);
-                slot.insert(rx);
-                self.keys.push((keys[i].clone(), tx));
+            match rendering.entry(keys[i].clone()) {
+                Entry::Vacant(slot) => {
+                    let (tx, rx) = watch::channel(None);
+                    slot.insert(rx);
+                    self.keys.push((keys[i].clone(), tx));
+                }
+                Entry::Occupied(slot) => {
+                    if !self.keys.iter().any(|(k, _)| k == &keys[i]) {
+                        theirs.push((i, slot.get().clone()));
+                    }
+                }
             }
         }
+        theirs
     }
 
     /// Hands a kept fragment to the requests waiting for it.
