@@ -51,7 +51,7 @@ pub async fn run(events: Events, pool: sqlx::PgPool, stop: CancellationToken) {
                 r = listener.try_recv() => r,
             };
             match received {
-                Ok(Some(n)) if n.channel() == WAKE_CHANNEL => events.wake(),
+                Ok(Some(n)) if n.channel() == WAKE_CHANNEL => events.written(),
                 Ok(Some(n)) if n.channel() == EPOCH_CHANNEL => sync_epoch(&events).await,
                 Ok(Some(n)) if n.channel() == ACK_CHANNEL => visibility.on_ack(n.payload()),
                 Ok(Some(n)) if n.channel() == visibility.tick_channel() => visibility.on_tick(n.payload()),
@@ -97,8 +97,12 @@ fn apply(events: &Events, payload: &str) {
     // Before the L1 bump: a load that misses after it reads far enough.
     events.store().require(note.lsn);
     if note.origin == events.origin() {
-        // Our own relay: this instance's L1 was invalidated before the notify.
-        events.visibility().applied(note.id);
+        // Our own relay: this instance's L1 was invalidated before the
+        // notify. Acknowledged for a writer elsewhere whose event this
+        // relayed; a writer does not wait for its own acknowledgement.
+        if !note.by_writer {
+            events.visibility().applied(note.id);
+        }
         return;
     }
     if note.all {

@@ -10,7 +10,8 @@
 //! answering the mutation: its caller's next read, anywhere, sees the change
 //! (other instances' L1s within the fan-out lag). Background relays (every
 //! instance runs one) pick up whatever that missed: a crash between commit
-//! and relay, a Redis outage, another instance's write.
+//! and relay, a Redis outage. A write's wake-up reaches them a grace later
+//! (its writer is relaying it); a failed relay wakes them at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,13 @@ const MAX_PAYLOAD: usize = 7_900;
 const BATCH: i64 = 200;
 /// Fallback poll when no wake-up arrives.
 const POLL: Duration = Duration::from_millis(500);
+/// How long after a write is notified the background relays look for what
+/// its writer left. The writer relays its own event within milliseconds;
+/// claiming at once (as this did) cost every instance a claim transaction
+/// per write (at 100 writes/s, a tenth of the box's Postgres CPU here), and
+/// the writer then often waited on the row lock of a relay that had won the
+/// race. Only a writer that died between commit and relay leaves work.
+const WRITTEN_GRACE: Duration = Duration::from_millis(100);
 /// Processed events are kept this long (for inspection), then pruned.
 const KEEP: Duration = Duration::from_secs(3600);
 /// Tags per Redis call (each call has the Redis time-out to itself).
@@ -65,6 +73,10 @@ pub struct Invalidation {
     /// The relaying instance, which invalidated its own L1 already.
     #[serde(default)]
     pub origin: u64,
+    /// Relayed by the instance that wrote the event, which waits for the
+    /// others' acknowledgements, not for its own.
+    #[serde(default)]
+    pub by_writer: bool,
     /// The primary's WAL position past the event's commit: reads must reach
     /// it (replica fencing).
     #[serde(default)]
@@ -80,6 +92,8 @@ pub struct Events {
     cache: ReadCache,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// A write committed somewhere (its writer relays it).
+    written: Arc<Notify>,
     /// A router in front to tell about applied invalidations.
     router: Option<RouterInvalidation>,
 }
@@ -90,7 +104,16 @@ impl Events {
         let origin = (rand::random::<u64>() >> 1) | 1;
         let visibility =
             Arc::new(Visibility::new(origin, coherence, store.clone(), cache.clone(), Arc::clone(&metrics)));
-        Self { origin, visibility, store, cache, metrics, wake: Arc::new(Notify::new()), router: None }
+        Self {
+            origin,
+            visibility,
+            store,
+            cache,
+            metrics,
+            wake: Arc::new(Notify::new()),
+            written: Arc::new(Notify::new()),
+            router: None,
+        }
     }
 
     /// Forwards every invalidation this instance applies to `router`.
@@ -120,9 +143,15 @@ impl Events {
         &self.metrics
     }
 
-    /// Wakes the background relay (a write committed somewhere).
+    /// Wakes the background relay: there is work for it now.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// A write committed somewhere: the background relay looks, after
+    /// [`WRITTEN_GRACE`], for what its writer did not relay.
+    pub fn written(&self) {
+        self.written.notify_one();
     }
 
     /// Relays one event right after its transaction committed. Waits for a
@@ -173,7 +202,7 @@ impl Events {
             return Ok(0);
         }
         let span = crate::work_span!("outbox.relay", events = events.len(), tags = tracing::field::Empty);
-        self.apply_claimed(tx, events, position, &span).instrument(span.clone()).await
+        self.apply_claimed(tx, events, position, only.is_some(), &span).instrument(span.clone()).await
     }
 
     async fn apply_claimed(
@@ -181,6 +210,7 @@ impl Events {
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
         events: Vec<OutboxEvent>,
         position: u64,
+        by_writer: bool,
         span: &tracing::Span,
     ) -> Result<usize, StoreError> {
         // Before any token moves: a load that sees a moved token also sees
@@ -206,7 +236,7 @@ impl Events {
             if self.router.is_some() {
                 forwarded.extend_from_slice(&window[..applied]);
             }
-            for payload in notes(*id, created_at.timestamp_micros(), self.origin, position, window) {
+            for payload in notes(*id, created_at.timestamp_micros(), self.origin, by_writer, position, window) {
                 self.store.notify(&mut tx, INVALIDATE_CHANNEL, &payload).await?;
             }
             self.metrics.events_relayed.inc();
@@ -246,14 +276,23 @@ impl Events {
         Ok(events.len())
     }
 
-    /// Runs the background relay until `stop`: on every wake-up and at least
-    /// every 500 ms, drains the outbox; prunes processed events hourly.
+    /// Runs the background relay until `stop`: on every wake-up, a grace
+    /// after a write was notified, and at least every 500 ms, drains the
+    /// outbox; prunes processed events hourly.
     pub async fn run_relay(self, stop: CancellationToken) {
         let mut last_prune = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = self.wake.notified() => {}
+                () = self.written.notified() => {
+                    // Writes notified meanwhile are covered by this pass.
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(WRITTEN_GRACE) => {}
+                    }
+                }
                 () = tokio::time::sleep(POLL) => {}
             }
             loop {
@@ -283,9 +322,9 @@ impl Events {
 
 /// The notifications for `tags` of event `id`: as few as fit under
 /// Postgres's payload limit (tags are at most ~70 bytes, so every one fits).
-fn notes(id: i64, at_us: i64, origin: u64, lsn: u64, tags: &[Tag]) -> Vec<String> {
+fn notes(id: i64, at_us: i64, origin: u64, by_writer: bool, lsn: u64, tags: &[Tag]) -> Vec<String> {
     let encode = |tags: Vec<String>| {
-        serde_json::to_string(&Invalidation { id, at_us, tags, all: false, origin, lsn }).unwrap_or_default()
+        serde_json::to_string(&Invalidation { id, at_us, tags, all: false, origin, by_writer, lsn }).unwrap_or_default()
     };
     let envelope = encode(Vec::new()).len();
     let (mut out, mut batch, mut size) = (Vec::new(), Vec::new(), envelope);
@@ -314,7 +353,7 @@ mod tests {
     fn many_tags_travel_in_several_notifications_that_each_fit() {
         let tags: Vec<Tag> =
             (0..20_000).map(Tag::Review).chain((0..500).map(|i| Tag::Offer(format!("o-\"{i}\"")))).collect();
-        let payloads = notes(7, 1, 3, u64::MAX, &tags);
+        let payloads = notes(7, 1, 3, false, u64::MAX, &tags);
         assert!(payloads.len() > 20, "{} notifications", payloads.len());
         let mut seen = Vec::new();
         for payload in &payloads {
@@ -324,6 +363,10 @@ mod tests {
             seen.extend(note.tags.iter().filter_map(|t| cascade::decode(t)));
         }
         assert_eq!(seen, tags, "every tag once, in order");
-        assert_eq!(notes(7, 1, 3, 0, &[]).len(), 1, "an event without tags still notifies (for acknowledgements)");
+        assert_eq!(
+            notes(7, 1, 3, true, 0, &[]).len(),
+            1,
+            "an event without tags still notifies (for acknowledgements)"
+        );
     }
 }

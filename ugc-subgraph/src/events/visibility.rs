@@ -5,8 +5,9 @@
 //! * **Registry.** Every instance upserts a heartbeat row each second
 //!   (`store/instances.rs`) once its invalidation listener is up. The live
 //!   set is the rows younger than the lease (`UGC_INSTANCE_LEASE_MS`, 3 s).
-//! * **Acknowledgements.** Having applied an invalidation (or received its
-//!   own), an instance sends `NOTIFY ugc_ack '<origin> <event ids>'`. A
+//! * **Acknowledgements.** Having applied an invalidation (or relayed
+//!   another instance's write), an instance sends
+//!   `NOTIFY ugc_ack '<origin> <event ids>'`. A
 //!   writer registers for its event's acknowledgements *before* relaying it,
 //!   reads the live set *after* (so an instance registered later cannot hold
 //!   an older value: it opened its L1 after the write was in L2 and
