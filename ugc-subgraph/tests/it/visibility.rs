@@ -152,6 +152,26 @@ async fn a_read_sent_after_an_acknowledged_write_never_sees_an_older_version() {
     assert!(a.metric("ugc_instances_live", &[]).await >= 3.0, "the writer saw the three instances");
 }
 
+/// Acknowledgements are for writers elsewhere: an instance that relayed its
+/// own write does not acknowledge it (nobody waits for that), the others do.
+#[tokio::test]
+async fn a_writer_is_acknowledged_by_the_others_and_not_by_itself() {
+    let vars = [("UGC_WRITE_VISIBILITY_TIMEOUT_MS", "2000")];
+    let a = TestApp::start_with(&vars).await;
+    let b = TestApp::start_on(&a.db_url, &vars).await;
+    for (n, offer) in ["offer-ack-1", "offer-ack-2"].iter().enumerate() {
+        let body = create(&a, &format!("acker-{n}"), offer, 5, "acknowledged").await;
+        assert!(body["data"]["createReview"]["id"].is_string(), "{body}");
+    }
+    // Each answer waited for B's acknowledgement, which A's listener heard
+    // after its own notifications of the same writes (commit order).
+    assert_eq!(a.metric("ugc_write_visibility_timeouts_total", &[]).await, 0.0, "B acknowledged both writes");
+    assert_eq!(a.metric("ugc_write_visibility_wait_seconds_count", &[]).await, 2.0);
+    assert!(b.metric("ugc_visibility_acks_sent_total", &[]).await >= 1.0, "B acknowledged");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.metric("ugc_visibility_acks_sent_total", &[]).await, 0.0, "A acknowledged its own writes");
+}
+
 /// The Postgres backend serving an instance's invalidation listener,
 /// stopped with SIGSTOP until dropped: the instance keeps running but hears
 /// nothing, as when its listener stalls.
