@@ -42,7 +42,7 @@ const POLL: Duration = Duration::from_millis(500);
 /// How long after a write is notified the background relays look for what
 /// its writer left. The writer relays its own event within milliseconds;
 /// claiming at once (as this did) cost every instance a claim transaction
-/// per write (at 100 writes/s, a tenth of the box's Postgres CPU here), and
+/// per write (~0.5 ms of Postgres time each, by its logged statements), and
 /// the writer then often waited on the row lock of a relay that had won the
 /// race. Only a writer that died between commit and relay leaves work.
 const WRITTEN_GRACE: Duration = Duration::from_millis(100);
