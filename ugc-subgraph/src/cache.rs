@@ -376,12 +376,21 @@ impl<S: Source> Cache<S> {
     /// Invalidates these tags in L2 for every instance, with `token` (a
     /// unique, increasing event id). Returns false when Redis did not take it.
     pub async fn invalidate_shared(&self, tags: &[Tag], token: u64) -> bool {
+        self.invalidate_shared_after(None, tags, token).await
+    }
+
+    /// [`Cache::invalidate_shared`], advancing the write-position watermark
+    /// to `lsn` first (as [`Cache::advance_watermark`]), in the same round
+    /// trip where Redis allows it.
+    pub async fn invalidate_shared_after(&self, lsn: Option<u64>, tags: &[Tag], token: u64) -> bool {
         let Some(l2) = &self.inner.l2 else {
             return true;
         };
         let prefix = self.inner.l2_prefix();
         let keys: Vec<String> = tags.iter().map(|t| t.redis_key(&prefix)).collect();
-        l2.invalidate(&keys, token, self.inner.token_ttl()).await
+        let watermark = lsn.map(|lsn| (watermark_key(&prefix), lsn));
+        let watermark = watermark.as_ref().map(|(key, lsn)| (key.as_str(), *lsn));
+        l2.invalidate(watermark, &keys, token, self.inner.token_ttl()).await
     }
 
     /// Records in L2 that loads must see every write up to WAL position
@@ -389,7 +398,7 @@ impl<S: Source> Cache<S> {
     /// did not take it.
     pub async fn advance_watermark(&self, lsn: u64) -> bool {
         let Some(l2) = &self.inner.l2 else { return true };
-        l2.invalidate(&[watermark_key(&self.inner.l2_prefix())], lsn, self.inner.token_ttl()).await
+        l2.invalidate(Some((&watermark_key(&self.inner.l2_prefix()), lsn)), &[], 0, self.inner.token_ttl()).await
     }
 
     /// Refreshes gauges before a scrape.
@@ -635,13 +644,17 @@ impl<S: Source> Inner<S> {
             found.insert(key.clone(), value.clone());
         }
         if let Some(l2) = &self.l2 {
-            if let Some(stored) = l2.fill(&fills).await {
+            // Sent together: one round trip, not two, on the critical path
+            // of every miss. Their order does not matter: a lease released
+            // before its fill lands costs another instance at most a
+            // redundant load, never a wrong entry (the fill is fenced).
+            let (stored, ()) = tokio::join!(l2.fill(&fills), l2.release(&leased));
+            if let Some(stored) = stored {
                 let refused = fills.len().saturating_sub(stored);
                 if refused > 0 {
                     self.metrics.fills_refused.get_or_create(&[("layer", "l2")]).inc_by(refused as u64);
                 }
             }
-            l2.release(&leased).await;
         }
         Ok(found)
     }

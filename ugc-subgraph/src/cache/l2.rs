@@ -40,14 +40,16 @@ end
 return stored
 ";
 
-/// Moves each tag's token forward to ARGV[1] (an event id), never back: a
-/// retried or late invalidation with an older id must not revive entries a
-/// newer one invalidated. Ids are compared as decimal strings (length, then
+/// Moves each key's token forward to its own value, never back: a retried
+/// or late invalidation with an older id must not revive entries a newer
+/// one invalidated. Tokens are compared as decimal strings (length, then
 /// text), exact beyond 2^53 where Lua's numbers are not. The TTL is renewed
-/// either way. KEYS: tag keys. ARGV: token, ttl ms.
+/// either way. KEYS: tag keys (the watermark first, when it rides along).
+/// ARGV: ttl ms, then one token per key.
 const ADVANCE_TOKENS: &str = r"
-local t, ttl = ARGV[1], ARGV[2]
+local ttl = ARGV[1]
 for i = 1, #KEYS do
+  local t = ARGV[i + 1]
   local cur = redis.call('GET', KEYS[i])
   if not cur or #t > #cur or (#t == #cur and t > cur) then
     redis.call('SET', KEYS[i], t, 'PX', ttl)
@@ -264,9 +266,35 @@ impl L2 {
     /// asynchronous, and a master that failed over before passing a token
     /// on would leave its replica serving entries the token had fenced off.
     /// A master without a replica in time is counted, not retried for ever.
-    pub async fn invalidate(&self, tag_keys: &[String], token: u64, ttl: Duration) -> bool {
+    ///
+    /// `watermark`, when given, is advanced first (see [`L2::mget`]): on a
+    /// single server in the same script, so a write's invalidation costs
+    /// one round trip; on a cluster it lives on another node and is
+    /// advanced by a call of its own before the tokens move. Its failure
+    /// does not hold the tokens back (it only makes replica reads wait).
+    pub async fn invalidate(
+        &self,
+        watermark: Option<(&str, u64)>,
+        tag_keys: &[String],
+        token: u64,
+        ttl: Duration,
+    ) -> bool {
+        let token = token.to_string();
+        let mut keys: Vec<(&str, String)> = Vec::with_capacity(tag_keys.len() + 1);
+        if let Some((key, lsn)) = watermark {
+            if !self.client.is_cluster() {
+                keys.push((key, lsn.to_string()));
+            } else if !self.advance(&[(key, lsn.to_string())], ttl).await && tag_keys.is_empty() {
+                return false;
+            }
+        }
+        keys.extend(tag_keys.iter().map(|k| (k.as_str(), token.clone())));
+        self.advance(&keys, ttl).await
+    }
+
+    async fn advance(&self, keys: &[(&str, String)], ttl: Duration) -> bool {
         let script = redis::Script::new(ADVANCE_TOKENS);
-        let groups = self.by_slot(tag_keys.iter().map(String::as_str));
+        let groups = self.by_slot(keys.iter().map(|(k, _)| *k));
         let cluster = self.client.is_cluster();
         let wait_ms = REPLICA_WAIT.min(self.client.timeout() / 2).as_millis().max(1) as u64;
         let replicated: Option<Vec<bool>> = self
@@ -277,12 +305,12 @@ impl L2 {
                 // entries from being invalidated (they are read meanwhile).
                 let parts = join_all(groups.iter().map(|group| {
                     let mut invocation = script.prepare_invoke();
+                    invocation.arg(ttl.as_millis().max(1) as u64);
                     for &i in group {
-                        invocation.key(&tag_keys[i]);
+                        invocation.key(keys[i].0).arg(&keys[i].1);
                     }
-                    invocation.arg(token.to_string()).arg(ttl.as_millis().max(1) as u64);
                     let mut c = c.clone();
-                    let first = group.first().map(|&i| tag_keys[i].as_str());
+                    let first = group.first().map(|&i| keys[i].0);
                     async move {
                         invocation.invoke_async::<i64>(&mut c).await?;
                         match (c, first) {

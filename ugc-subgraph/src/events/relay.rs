@@ -216,10 +216,12 @@ impl Events {
         // Before any token moves: a load that sees a moved token also sees
         // the position its read must reach (replica fencing).
         self.store.require(position);
-        self.cache.advance_watermark(position).await;
+        // Advanced with the first tags that are (one round trip), or alone.
+        let mut watermark = Some(position);
         let mut done = Vec::new();
         let (mut retried, mut tags_applied) = (0, 0);
         let mut forwarded = Vec::new();
+        let mut payloads = Vec::new();
         for OutboxEvent { id, event, created_at, progress, .. } in &events {
             let tags = cascade::tags(event);
             let start = (*progress).min(tags.len());
@@ -227,18 +229,17 @@ impl Events {
             let token = u64::try_from(*id).unwrap_or(0);
             let mut applied = 0;
             for chunk in window.chunks(L2_CHUNK) {
-                if !self.cache.invalidate_shared(chunk, token).await {
+                if !self.cache.invalidate_shared_after(watermark, chunk, token).await {
                     break;
                 }
+                watermark = None;
                 applied += chunk.len();
             }
             self.cache.invalidate_local(window);
             if self.router.is_some() {
                 forwarded.extend_from_slice(&window[..applied]);
             }
-            for payload in notes(*id, created_at.timestamp_micros(), self.origin, by_writer, position, window) {
-                self.store.notify(&mut tx, INVALIDATE_CHANNEL, &payload).await?;
-            }
+            payloads.extend(notes(*id, created_at.timestamp_micros(), self.origin, by_writer, position, window));
             self.metrics.events_relayed.inc();
             tags_applied += applied;
             let reached = start + applied;
@@ -263,7 +264,7 @@ impl Events {
             }
         }
         span.record("tags", tags_applied);
-        self.store.finish_events(&mut tx, &done).await?;
+        self.store.finish_events(&mut tx, &done, INVALIDATE_CHANNEL, &payloads).await?;
         tx.commit().await.map_err(|e| StoreError::Query { statement: "commit", source: e })?;
         // After the commit that delivers the notifications (see router.rs
         // for why the router is told only a visibility window later).

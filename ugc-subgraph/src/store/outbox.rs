@@ -105,20 +105,37 @@ impl Store {
         Ok((tx, events, position))
     }
 
-    /// Marks `done` processed.
+    /// Marks `done` processed and sends `notes` on `channel`, in one
+    /// statement of the caller's transaction (notifications are delivered
+    /// on commit): the writer's relay is on its request's critical path,
+    /// and every statement there is a round trip.
     ///
     /// # Errors
     /// Postgres unavailable or failing.
-    pub async fn finish_events(&self, conn: &mut PgConnection, done: &[i64]) -> Result<(), StoreError> {
-        if !done.is_empty() {
-            self.timed(
-                "finish_outbox",
-                sqlx::query("UPDATE outbox SET processed_at = clock_timestamp(), progress = 0 WHERE id = ANY($1)")
-                    .bind(done)
-                    .execute(&mut *conn),
-            )
-            .await?;
+    pub async fn finish_events(
+        &self,
+        conn: &mut PgConnection,
+        done: &[i64],
+        channel: &str,
+        notes: &[String],
+    ) -> Result<(), StoreError> {
+        if done.is_empty() && notes.is_empty() {
+            return Ok(());
         }
+        self.timed(
+            "finish_outbox",
+            sqlx::query(
+                "WITH finished AS (
+                     UPDATE outbox SET processed_at = clock_timestamp(), progress = 0 WHERE id = ANY($1)
+                 )
+                 SELECT pg_notify($2, note) FROM unnest($3::text[]) AS note",
+            )
+            .bind(done)
+            .bind(channel)
+            .bind(notes)
+            .execute(&mut *conn),
+        )
+        .await?;
         Ok(())
     }
 
@@ -173,15 +190,6 @@ impl Store {
             sqlx::query("UPDATE outbox SET parked_at = now() WHERE id = $1").bind(id).execute(conn),
         )
         .await?;
-        Ok(())
-    }
-
-    /// Sends a notification in the caller's transaction (delivered on commit).
-    ///
-    /// # Errors
-    /// Postgres unavailable or failing.
-    pub async fn notify(&self, conn: &mut PgConnection, channel: &str, payload: &str) -> Result<(), StoreError> {
-        self.timed("notify", sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload).execute(conn)).await?;
         Ok(())
     }
 

@@ -250,3 +250,40 @@ async fn an_instance_that_does_not_acknowledge_serves_no_l1_until_it_has_caught_
     assert_eq!(text(&b).await, "again v3");
     assert_eq!(l1(&b, "hit").await, hits + 1.0, "B serves from L1 again");
 }
+
+/// The writer's own relay is on its request's critical path, so it is
+/// kept to the fewest round trips: the write-position watermark travels
+/// with the tokens (one Redis call on a single server; a cluster keeps it
+/// on another node and pays a second), the notifications with the
+/// statement that marks the event processed. And the other instance is
+/// still told: its warm page shows the write once it is acknowledged.
+#[tokio::test]
+async fn a_writers_relay_costs_one_redis_call_and_one_statement_and_still_reaches_the_others() {
+    let a = TestApp::start().await;
+    a.seed(5, 10, 20).await;
+    let b = TestApp::start_on(&a.db_url, &[]).await;
+    let offer = "offer-000001";
+    let texts = |body: Value| -> Vec<Value> {
+        let edges = body["data"]["_entities"][0]["reviews"]["edges"].as_array().cloned();
+        edges.unwrap_or_else(|| panic!("{body}")).iter().map(|e| e["node"]["text"].clone()).collect()
+    };
+    let reps = json!({ "representations": [{ "__typename": "Offer", "id": offer }] });
+    let before_write = texts(b.gql(OFFER_PAGE, reps.clone()).await);
+    assert_eq!(texts(b.gql(OFFER_PAGE, reps.clone()).await), before_write, "B's page is warm");
+
+    let metric = async |name: &str, label: &str| a.metric(name, &[label]).await;
+    let calls = metric("ugc_redis_calls_total", "op=\"invalidate\"").await;
+    let finishes = metric("ugc_sql_statements_total", "statement=\"finish_outbox\"").await;
+    let body = create(&a, "relay-writer", offer, 5, "relayed in one round trip").await;
+    assert!(body["errors"].is_null(), "{body}");
+
+    let after_write = texts(b.gql(OFFER_PAGE, reps).await);
+    assert!(
+        after_write.contains(&json!("relayed in one round trip")),
+        "B shows the acknowledged write: {after_write:?}"
+    );
+    let per_write = if crate::support::redis_cluster_urls().is_some() { 2.0 } else { 1.0 };
+    assert_eq!(metric("ugc_redis_calls_total", "op=\"invalidate\"").await - calls, per_write);
+    assert_eq!(metric("ugc_sql_statements_total", "statement=\"finish_outbox\"").await - finishes, 1.0);
+    assert_eq!(metric("ugc_sql_statements_total", "statement=\"notify\"").await, 0.0, "no statement of its own");
+}
