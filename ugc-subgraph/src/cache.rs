@@ -379,9 +379,10 @@ impl<S: Source> Cache<S> {
         self.invalidate_shared_after(None, tags, token).await
     }
 
-    /// [`Cache::invalidate_shared`], advancing the write-position watermark
-    /// to `lsn` first (as [`Cache::advance_watermark`]), in the same round
-    /// trip where Redis allows it.
+    /// [`Cache::invalidate_shared`], first recording in L2 that loads must
+    /// see every write up to WAL position `lsn` (the watermark must move
+    /// before the tokens it covers), in the same round trip where Redis
+    /// allows it.
     pub async fn invalidate_shared_after(&self, lsn: Option<u64>, tags: &[Tag], token: u64) -> bool {
         let Some(l2) = &self.inner.l2 else {
             return true;
@@ -391,14 +392,6 @@ impl<S: Source> Cache<S> {
         let watermark = lsn.map(|lsn| (watermark_key(&prefix), lsn));
         let watermark = watermark.as_ref().map(|(key, lsn)| (key.as_str(), *lsn));
         l2.invalidate(watermark, &keys, token, self.inner.token_ttl()).await
-    }
-
-    /// Records in L2 that loads must see every write up to WAL position
-    /// `lsn` (set before the tokens it covers move). Returns false when Redis
-    /// did not take it.
-    pub async fn advance_watermark(&self, lsn: u64) -> bool {
-        let Some(l2) = &self.inner.l2 else { return true };
-        l2.invalidate(Some((&watermark_key(&self.inner.l2_prefix()), lsn)), &[], 0, self.inner.token_ttl()).await
     }
 
     /// Refreshes gauges before a scrape.

@@ -282,10 +282,10 @@ impl L2 {
         let token = token.to_string();
         let mut keys: Vec<(&str, String)> = Vec::with_capacity(tag_keys.len() + 1);
         if let Some((key, lsn)) = watermark {
-            if !self.client.is_cluster() {
+            if self.client.is_cluster() {
+                self.advance(&[(key, lsn.to_string())], ttl).await;
+            } else {
                 keys.push((key, lsn.to_string()));
-            } else if !self.advance(&[(key, lsn.to_string())], ttl).await && tag_keys.is_empty() {
-                return false;
             }
         }
         keys.extend(tag_keys.iter().map(|k| (k.as_str(), token.clone())));

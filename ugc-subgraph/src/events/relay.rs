@@ -216,7 +216,8 @@ impl Events {
         // Before any token moves: a load that sees a moved token also sees
         // the position its read must reach (replica fencing).
         self.store.require(position);
-        // Advanced with the first tags that are (one round trip), or alone.
+        // Advanced with the first chunk of tags Redis takes (one round trip
+        // on a single server); a pass that moves no token needs none.
         let mut watermark = Some(position);
         let mut done = Vec::new();
         let (mut retried, mut tags_applied) = (0, 0);
