@@ -271,7 +271,11 @@ impl L2 {
     /// single server in the same script, so a write's invalidation costs
     /// one round trip; on a cluster it lives on another node and is
     /// advanced by a call of its own before the tokens move. Its failure
-    /// does not hold the tokens back (it only makes replica reads wait).
+    /// does not hold the tokens back: a master that is down must not keep
+    /// every other entry from being invalidated. Until the instances raise
+    /// their own watermarks from the relay's notifications, a load may then
+    /// read a replica that lacks the write (the relay took that trade before
+    /// the watermark rode along, too).
     pub async fn invalidate(
         &self,
         watermark: Option<(&str, u64)>,

@@ -268,8 +268,11 @@ async fn a_writers_relay_costs_one_redis_call_and_one_statement_and_still_reache
         edges.unwrap_or_else(|| panic!("{body}")).iter().map(|e| e["node"]["text"].clone()).collect()
     };
     let reps = json!({ "representations": [{ "__typename": "Offer", "id": offer }] });
+    let b_hits = async || b.metric("ugc_cache_requests_total", &["layer=\"entity\"", "result=\"hit\""]).await;
     let before_write = texts(b.gql(OFFER_PAGE, reps.clone()).await);
-    assert_eq!(texts(b.gql(OFFER_PAGE, reps.clone()).await), before_write, "B's page is warm");
+    let hits = b_hits().await;
+    assert_eq!(texts(b.gql(OFFER_PAGE, reps.clone()).await), before_write);
+    assert!(b_hits().await > hits, "B's page is warm: the second read is served from its rendered fragment");
 
     let metric = async |name: &str, label: &str| a.metric(name, &[label]).await;
     let calls = metric("ugc_redis_calls_total", "op=\"invalidate\"").await;
