@@ -7,7 +7,8 @@
 //! twice only costs a few cache misses.
 //!
 //! The writing instance relays its own event right after commit, before
-//! answering the mutation: its caller's next read, anywhere, sees the change
+//! answering the mutation, without claiming it (see
+//! [`Events::after_commit`]): its caller's next read, anywhere, sees the change
 //! (other instances' L1s within the fan-out lag). Background relays (every
 //! instance runs one) pick up whatever that missed: a crash between commit
 //! and relay, a Redis outage. A write's wake-up reaches them a grace later
@@ -27,7 +28,7 @@ use super::visibility::Visibility;
 use crate::cache::Tag;
 use crate::config::CoherenceConfig;
 use crate::loaders::ReadCache;
-use crate::store::outbox::OutboxEvent;
+use crate::store::outbox::{OutboxEvent, OwnPass};
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -154,33 +155,98 @@ impl Events {
         self.written.notify_one();
     }
 
-    /// Relays one event right after its transaction committed. Waits for a
-    /// relay that already holds it, so that on return the event has been
-    /// applied by someone, then for every live instance to acknowledge it
-    /// (bounded; see `visibility.rs`). Failures are logged: the background
-    /// relay retries.
+    /// Relays one event right after its transaction committed, then waits
+    /// for every live instance to acknowledge it (bounded; see
+    /// `visibility.rs`). Failures are logged: the background relay retries.
+    ///
+    /// The writer has the event in hand, so it does not claim it: it reads
+    /// the write position, moves the tags' tokens, and marks the event done
+    /// while sending its notifications and reading the live set, all in one
+    /// statement (two statements and one Redis call on the request's
+    /// critical path, where a claim took five statements). A background
+    /// relay that claimed the same event meanwhile (a poll at that moment)
+    /// applies it too: the handlers are idempotent, and tokens only move
+    /// forward. An event with more tags than a pass takes the claimed path.
     pub async fn after_commit(&self, event_id: i64, tags: &[Tag]) {
         // Before relaying: acknowledgements may arrive as soon as it commits.
         let pending = self.visibility.expect(event_id);
-        // Whatever happens, this instance's L1 must not serve the old value
-        // to this caller's next request. Relaying it here bumps it once,
-        // after L2's tokens moved; bumping it also before (as this did)
-        // refused every fragment rendered in between from the old L2 — and
-        // under writes the hottest offers' waiting requests all rendered
-        // them again. Bumped here only when the relay did not (not claimed:
-        // another relay holds or held it; failed; or more tags than a pass).
-        match self.relay(Some(event_id)).await {
-            Ok(claimed) if claimed > 0 && tags.len() <= TAGS_PER_PASS => {}
-            Ok(_) => self.cache.invalidate_local(tags),
-            Err(e) => {
-                self.cache.invalidate_local(tags);
-                tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
-                self.wake();
+        let mut live = None;
+        if tags.len() <= TAGS_PER_PASS {
+            let span = crate::work_span!("outbox.relay", events = 1, tags = tags.len());
+            match self.relay_own(event_id, tags, pending.is_some()).instrument(span).await {
+                Ok(own) => live = own,
+                Err(e) => {
+                    // This instance's L1 must not serve the old value to this caller's next request.
+                    self.cache.invalidate_local(tags);
+                    tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
+                    self.wake();
+                }
+            }
+        } else {
+            // Bumped here only when the relay did not (not claimed: another
+            // relay holds or held it; failed).
+            match self.relay(Some(event_id)).await {
+                Ok(_) => self.cache.invalidate_local(tags),
+                Err(e) => {
+                    self.cache.invalidate_local(tags);
+                    tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
+                    self.wake();
+                }
             }
         }
         if let Some(pending) = pending {
-            self.visibility.wait(pending).await;
+            self.visibility.wait(pending, live).await;
         }
+    }
+
+    /// The writer's relay of its own event (see [`Events::after_commit`]);
+    /// returns the live set when `live` asks for it. Tags Redis did not take
+    /// are recorded as a failed pass, retried by the background relay after
+    /// a back-off; the other instances are told at once all the same, as by
+    /// a failed claimed pass.
+    async fn relay_own(&self, id: i64, tags: &[Tag], live: bool) -> Result<Option<Vec<i64>>, StoreError> {
+        // Commit time as the writer saw it return: the notifications' lag
+        // is measured from here.
+        let at_us = chrono::Utc::now().timestamp_micros();
+        let position = self.store.write_position().await?;
+        // Before any token moves (see `apply_claimed`).
+        self.store.require(position);
+        let token = u64::try_from(id).unwrap_or(0);
+        let (mut watermark, mut applied) = (Some(position), 0);
+        for chunk in tags.chunks(L2_CHUNK) {
+            if !self.cache.invalidate_shared_after(watermark, chunk, token).await {
+                break;
+            }
+            watermark = None;
+            applied += chunk.len();
+        }
+        // Once, after L2's tokens moved: bumping it also before refused
+        // every fragment rendered in between from the old L2, and under
+        // writes the hottest offers' waiting requests all rendered them again.
+        self.cache.invalidate_local(tags);
+        self.metrics.events_relayed.inc();
+        let pass = if applied == tags.len() {
+            OwnPass::Done
+        } else {
+            self.metrics.outbox_retries.inc();
+            OwnPass::Failed { progress: applied, max_attempts: MAX_ATTEMPTS }
+        };
+        let notes = notes(id, at_us, self.origin, true, position, tags);
+        let visibility = live.then(|| self.visibility.live_query());
+        let (live, parked) = self.store.finish_own_event(id, pass, INVALIDATE_CHANNEL, &notes, visibility).await?;
+        if let Some(router) = &self.router {
+            router.forward(&tags[..applied]);
+        }
+        if parked {
+            self.metrics.outbox_parked.inc();
+            tracing::error!(
+                event = id,
+                "outbox event parked after {MAX_ATTEMPTS} failed passes; requeue it once Redis is healthy"
+            );
+        } else if applied < tags.len() {
+            tracing::warn!(event = id, "shared cache invalidation deferred (Redis unavailable); will retry");
+        }
+        Ok(live)
     }
 
     /// Claims and applies events; returns how many were claimed.

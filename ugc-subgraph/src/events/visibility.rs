@@ -9,9 +9,10 @@
 //!   another instance's write), an instance sends
 //!   `NOTIFY ugc_ack '<origin> <event ids>'`. A
 //!   writer registers for its event's acknowledgements *before* relaying it,
-//!   reads the live set *after* (so an instance registered later cannot hold
-//!   an older value: it opened its L1 after the write was in L2 and
-//!   Postgres), then waits until all of them acknowledged, at most
+//!   reads the live set *after* the tokens moved, in the relay's last
+//!   statement (`Store::finish_own_event`; so an instance registered later
+//!   cannot hold an older value: it opened its L1 after the write was in L2
+//!   and Postgres), then waits until all of them acknowledged, at most
 //!   `UGC_WRITE_VISIBILITY_TIMEOUT_MS` (W).
 //! * **Self-fencing.** An instance that does not acknowledge in time is
 //!   treated as dead, and it must then behave as one: it serves its L1 (and
@@ -149,12 +150,24 @@ impl Visibility {
         Some(Pending { visibility: self, event, wake })
     }
 
+    /// What the live set is read with: this instance (left out) and the
+    /// lease. A writer's relay reads it in its last statement
+    /// (`Store::finish_own_event`), after the tokens moved.
+    pub fn live_query(&self) -> (i64, Duration) {
+        (self.origin, self.lease)
+    }
+
     /// Waits, after the event was relayed, until every live instance has
-    /// acknowledged it, or the time-out.
-    pub async fn wait(&self, pending: Pending<'_>) {
+    /// acknowledged it, or the time-out. `live`: the live set as the relay
+    /// read it after relaying; `None` reads it now.
+    pub async fn wait(&self, pending: Pending<'_>, live: Option<Vec<i64>>) {
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let live = match self.store.live_instances(self.origin, self.lease).await {
+        let live = match live {
+            Some(live) => Ok(live),
+            None => self.store.live_instances(self.origin, self.lease).await,
+        };
+        let live = match live {
             Ok(live) => {
                 self.metrics.instances_live.set(live.len() as i64 + 1);
                 Some(live)

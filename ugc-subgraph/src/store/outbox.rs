@@ -3,6 +3,8 @@
 //! instances share the work without blocking each other), marking them done,
 //! and pruning.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 
@@ -25,6 +27,18 @@ pub struct OutboxEvent {
     pub progress: usize,
     /// Failed passes so far.
     pub attempts: i32,
+}
+
+/// How a writer's pass over its own event ended ([`Store::finish_own_event`]).
+#[derive(Debug, Clone, Copy)]
+pub enum OwnPass {
+    Done,
+    /// Redis took the first `progress` tags only; parked once
+    /// `max_attempts` passes failed.
+    Failed {
+        progress: usize,
+        max_attempts: i32,
+    },
 }
 
 /// Back-off of a failed event: 100 ms doubling per attempt, at most 60 s.
@@ -52,7 +66,8 @@ impl Store {
     /// Starts a relay transaction and locks up to `limit` unprocessed events
     /// (with the primary's current WAL position);
     /// rows other relays hold are skipped. With `only` (a writer relaying its
-    /// own event), a row another relay holds is waited for instead: when the
+    /// own event of more tags than a relay pass), a row another relay holds
+    /// is waited for instead: when the
     /// call returns, that relay has applied it (the row is then processed and
     /// not returned) or given it back unapplied (it is returned, to apply now).
     ///
@@ -137,6 +152,84 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    /// The primary's WAL insert position now: past the commit record of
+    /// every transaction that committed before it (see [`Store::claim_events`]).
+    /// One statement outside any transaction: a writer relaying its own
+    /// event needs no claim (see `events/relay.rs`).
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn write_position(&self) -> Result<u64, StoreError> {
+        let lsn: i64 = self
+            .timed(
+                "write_position",
+                sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
+                    .fetch_one(&self.primary),
+            )
+            .await?;
+        Ok(u64::try_from(lsn).unwrap_or(0))
+    }
+
+    /// Finishes a writer's relay of its own event in one statement, its own
+    /// transaction: records `pass` (the event done, or a failed pass as
+    /// [`Store::retry_event`] does), sends `notes` on `channel` (delivered
+    /// on its commit), and reads the instances other than `live.0` whose
+    /// heartbeat is younger than `live.1` (the visibility protocol's live
+    /// set, read after the tokens moved, as `events/visibility.rs`
+    /// requires). Returns that live set, and whether the event was parked.
+    ///
+    /// Committed with `synchronous_commit = off`: if Postgres loses it in
+    /// a crash, the event is simply relayed again (its handlers are
+    /// idempotent), and this write's answer does not wait on a second
+    /// flush of the WAL.
+    ///
+    /// # Errors
+    /// Postgres unavailable or failing.
+    pub async fn finish_own_event(
+        &self,
+        id: i64,
+        pass: OwnPass,
+        channel: &str,
+        notes: &[String],
+        live: Option<(i64, std::time::Duration)>,
+    ) -> Result<(Option<Vec<i64>>, bool), StoreError> {
+        let set = match pass {
+            OwnPass::Done => Cow::Borrowed("processed_at = clock_timestamp(), progress = 0"),
+            OwnPass::Failed { .. } => Cow::Owned(format!(
+                "progress = $7, attempts = attempts + 1, next_attempt_at = {BACKOFF_SQL}, \
+                 parked_at = CASE WHEN attempts + 1 >= $8 THEN now() END"
+            )),
+        };
+        // One row per note (there is always one); the uncorrelated `ARRAY`
+        // is an init plan, read once.
+        let sql = format!(
+            "WITH finished AS (
+                 UPDATE outbox SET {set} WHERE id = $1 AND processed_at IS NULL
+                 RETURNING parked_at IS NOT NULL AS parked
+             )
+             SELECT CASE WHEN $4 THEN ARRAY(
+                        SELECT origin FROM instances
+                        WHERE origin <> $5 AND heartbeat_at > now() - make_interval(secs => $6)
+                    ) END,
+                    EXISTS (SELECT 1 FROM finished WHERE parked)
+             FROM unnest($3::text[]) AS note,
+                  LATERAL (SELECT pg_notify($2, note), set_config('synchronous_commit', 'off', true)) AS sent"
+        );
+        let (origin, lease) = live.unwrap_or_default();
+        let mut query = sqlx::query_as(&sql)
+            .bind(id)
+            .bind(channel)
+            .bind(notes)
+            .bind(live.is_some())
+            .bind(origin)
+            .bind(lease.as_secs_f64());
+        if let OwnPass::Failed { progress, max_attempts } = pass {
+            query = query.bind(i32::try_from(progress).unwrap_or(i32::MAX)).bind(max_attempts);
+        }
+        let rows: Vec<(Option<Vec<i64>>, bool)> = self.timed("finish_outbox", query.fetch_all(&self.primary)).await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
     }
 
     /// Records how far a bounded pass got; the event is claimable again at once.

@@ -252,13 +252,15 @@ async fn an_instance_that_does_not_acknowledge_serves_no_l1_until_it_has_caught_
 }
 
 /// The writer's own relay is on its request's critical path, so it is
-/// kept to the fewest round trips: the write-position watermark travels
-/// with the tokens (one Redis call on a single server; a cluster keeps it
-/// on another node and pays a second), the notifications with the
-/// statement that marks the event processed. And the other instance is
-/// still told: its warm page shows the write once it is acknowledged.
+/// kept to the fewest round trips: no claim (the writer has its event in
+/// hand), one statement for the write position, the watermark with the
+/// tokens (one Redis call on a single server; a cluster keeps it on another
+/// node and pays a second), and one statement that marks the event
+/// processed, sends the notifications and reads the live set. And the other
+/// instance is still told: its warm page shows the write once it is
+/// acknowledged.
 #[tokio::test]
-async fn a_writers_relay_costs_one_redis_call_and_one_statement_and_still_reaches_the_others() {
+async fn a_writers_relay_costs_one_redis_call_and_two_statements_and_still_reaches_the_others() {
     let a = TestApp::start().await;
     a.seed(5, 10, 20).await;
     let b = TestApp::start_on(&a.db_url, &[]).await;
@@ -276,7 +278,14 @@ async fn a_writers_relay_costs_one_redis_call_and_one_statement_and_still_reache
 
     let metric = async |name: &str, label: &str| a.metric(name, &[label]).await;
     let calls = metric("ugc_redis_calls_total", "op=\"invalidate\"").await;
-    let finishes = metric("ugc_sql_statements_total", "statement=\"finish_outbox\"").await;
+    let statements = async || {
+        let mut counts = Vec::new();
+        for name in ["write_position", "finish_outbox", "live_instances"] {
+            counts.push(metric("ugc_sql_statements_total", &format!("statement=\"{name}\"")).await);
+        }
+        counts
+    };
+    let before = statements().await;
     let body = create(&a, "relay-writer", offer, 5, "relayed in one round trip").await;
     assert!(body["errors"].is_null(), "{body}");
 
@@ -287,6 +296,8 @@ async fn a_writers_relay_costs_one_redis_call_and_one_statement_and_still_reache
     );
     let per_write = if crate::support::redis_cluster_urls().is_some() { 2.0 } else { 1.0 };
     assert_eq!(metric("ugc_redis_calls_total", "op=\"invalidate\"").await - calls, per_write);
-    assert_eq!(metric("ugc_sql_statements_total", "statement=\"finish_outbox\"").await - finishes, 1.0);
+    let after = statements().await;
+    let spent: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(spent, [1.0, 1.0, 0.0], "write_position, finish_outbox, and no live_instances of its own");
     assert_eq!(metric("ugc_sql_statements_total", "statement=\"notify\"").await, 0.0, "no statement of its own");
 }
