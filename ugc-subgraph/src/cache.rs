@@ -55,6 +55,7 @@ use tracing::Instrument;
 
 pub use crate::redis::BreakerState;
 pub use gate::L1Gate;
+pub use generations::Stamp;
 pub use key::{CacheKey, CachedValue, Kind, Tag};
 
 use crate::config::CacheConfig;
@@ -333,6 +334,20 @@ impl<S: Source> Cache<S> {
     /// True when no tag was invalidated since its token was taken.
     pub fn tokens_current(&self, deps: &[(Tag, u64)]) -> bool {
         deps.iter().all(|(tag, token)| self.inner.gens.current(tag) == *token)
+    }
+
+    /// `deps` as stamps, for a value checked again and again (a rendered
+    /// fragment): [`Cache::stamps_current`] answers as
+    /// [`Cache::tokens_current`] does, without hashing a tag.
+    pub fn stamps(&self, deps: &[(Tag, u64)]) -> Box<[Stamp]> {
+        let mut stamps: Vec<Stamp> = deps.iter().map(|(tag, token)| self.inner.gens.stamp(tag, *token)).collect();
+        stamps.dedup();
+        stamps.into_boxed_slice()
+    }
+
+    /// Are all `stamps` still current on this instance?
+    pub fn stamps_current(&self, stamps: &[Stamp]) -> bool {
+        stamps.iter().all(|&stamp| self.inner.gens.stamp_current(stamp))
     }
 
     /// Invalidations applied on this instance so far: tokens found current

@@ -51,7 +51,7 @@ use tracing::Instrument;
 
 use super::raw_request::{RawRequest, RawVariables};
 use super::{RequestAuth, UgcSchema};
-use crate::cache::Tag;
+use crate::cache::{Stamp, Tag};
 use crate::events::cascade;
 use crate::loaders::{discovering, failing, recording, ReadCache, Recorder};
 use crate::telemetry::metrics::Metrics;
@@ -97,7 +97,8 @@ impl quick_cache::Equivalent<FragmentKey> for KeyRef<'_> {
 
 struct Fragment {
     json: Box<str>,
-    deps: Vec<(Tag, u64)>,
+    /// The tokens its rendering read, as stamps (`Cache::stamps`).
+    deps: Box<[Stamp]>,
     expires: Instant,
     /// The entity's cache tags for a router in front, as a JSON array.
     tags: Box<str>,
@@ -203,7 +204,8 @@ struct FragmentWeight;
 
 impl quick_cache::Weighter<FragmentKey, Arc<Fragment>> for FragmentWeight {
     fn weight(&self, key: &FragmentKey, f: &Arc<Fragment>) -> u64 {
-        (key.id.len() + key.vars.len() + f.json.len() + f.tags.len() + f.deps.len() * 48 + 96) as u64
+        (key.id.len() + key.vars.len() + f.json.len() + f.tags.len() + f.deps.len() * std::mem::size_of::<Stamp>() + 96)
+            as u64
     }
 }
 
@@ -334,7 +336,7 @@ impl EntityCache {
                         // not kept.
                         if fragment.private {
                             // Not shareable, and not a refused fill either.
-                        } else if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
+                        } else if fragment.expires > Instant::now() && self.cache.stamps_current(&fragment.deps) {
                             self.fragments.insert(keys[i].clone(), Arc::clone(&fragment));
                             claimed.publish(&keys[i], &fragment);
                         } else {
@@ -432,7 +434,7 @@ impl EntityCache {
         if fragment.checked.load(Ordering::Relaxed) == invalidations {
             return true;
         }
-        let current = self.cache.tokens_current(&fragment.deps);
+        let current = self.cache.stamps_current(&fragment.deps);
         if current {
             fragment.checked.store(invalidations, Ordering::Relaxed);
         }
@@ -583,7 +585,7 @@ impl EntityCache {
         let private = deps.private;
         let fragment = Arc::new(Fragment {
             json: serde_json::to_string(&value).ok()?.into(),
-            deps: deps.distinct_tags(),
+            deps: self.cache.stamps(&deps.distinct_tags()),
             expires,
             tags,
             private,
@@ -591,7 +593,7 @@ impl EntityCache {
         });
         if fragment.private {
             // This viewer's answer only.
-        } else if fragment.expires > Instant::now() && self.cache.tokens_current(&fragment.deps) {
+        } else if fragment.expires > Instant::now() && self.cache.stamps_current(&fragment.deps) {
             self.fragments.insert(fragment_key, Arc::clone(&fragment));
         } else {
             self.metrics.fills_refused.get_or_create(&[("layer", "entity")]).inc();
@@ -699,7 +701,7 @@ impl EntityCache {
             let private = deps.private;
             fragments.push(Arc::new(Fragment {
                 json: json.into(),
-                deps: deps.distinct_tags(),
+                deps: self.cache.stamps(&deps.distinct_tags()),
                 expires,
                 tags,
                 private,
