@@ -3,7 +3,7 @@
 //! to the outbox. Aggregates follow through the table trigger in the same
 //! transaction, so a committed write is visible to the very next read.
 
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
 
 use super::idempotency::{IdempotencyKey, Outcome};
 use super::{review_from_row, Store, StoreError, WriteError, REVIEW_COLUMNS};
@@ -56,10 +56,47 @@ impl Store {
         new: NewReview,
         key: Option<&IdempotencyKey>,
     ) -> Result<Committed<Review>, WriteError> {
-        let mut tx = self.begin_keyed(key).await?;
+        // Without an idempotency key the write is one statement, its own
+        // transaction: no BEGIN and COMMIT round trips on the write's path.
+        let Some(key) = key else {
+            let (review, event) = self.insert_review(&self.primary, &new).await?;
+            return Ok(Committed { value: review, event: Some(event) });
+        };
+        let mut tx = self.begin_keyed(Some(key)).await?;
+        let (review, event) = self.insert_review(&mut *tx, &new).await?;
+        self.record(&mut tx, Some(key), || Outcome::Review(review.clone())).await?;
+        self.commit(tx).await?;
+        Ok(Committed { value: review, event: Some(event) })
+    }
+
+    /// Inserts the review and appends its event to the outbox in one
+    /// statement (the insert also wakes the relays, as [`Store::append`]
+    /// does). The event's id and version come from the inserted row: the
+    /// rest of its payload is serialised here, and the statement sets those
+    /// two fields (`tests/it/mutations.rs` reads the payload back).
+    async fn insert_review<'c>(
+        &self,
+        conn: impl sqlx::PgExecutor<'c>,
+        new: &NewReview,
+    ) -> Result<(Review, (i64, Event)), WriteError> {
+        let event = |review_id, version| Event::ReviewChanged {
+            review_id,
+            offer_id: new.offer_id.as_str().to_owned(),
+            author_id: new.author_id.as_str().to_owned(),
+            change: ReviewChange::Created,
+            version,
+        };
+        let payload = serde_json::to_value(event(0, 0)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sql = format!(
-            "INSERT INTO reviews AS r (offer_id, author_id, rating, body, status) VALUES ($1, $2, $3, $4, $5) \
-             RETURNING {REVIEW_COLUMNS}"
+            "WITH r AS (
+                 INSERT INTO reviews AS r (offer_id, author_id, rating, body, status) VALUES ($1, $2, $3, $4, $5)
+                 RETURNING {REVIEW_COLUMNS}
+             ), e AS (
+                 INSERT INTO outbox (event)
+                 SELECT $6::jsonb || jsonb_build_object('review_id', r.id, 'version', r.version) FROM r
+                 RETURNING id
+             )
+             SELECT r.*, e.id AS event_id FROM r, e, pg_notify($7, '')"
         );
         let inserted = self
             .timed(
@@ -70,7 +107,9 @@ impl Store {
                     .bind(new.rating.get())
                     .bind(new.text.as_str())
                     .bind(new.status.as_str())
-                    .fetch_one(&mut *tx),
+                    .bind(payload)
+                    .bind(super::outbox::WAKE_CHANNEL)
+                    .fetch_one(conn),
             )
             .await;
         let row = match inserted {
@@ -82,10 +121,9 @@ impl Store {
             other => other?,
         };
         let review = review_from_row(&row)?;
-        let event = self.append_event(&mut tx, &review, ReviewChange::Created).await?;
-        self.record(&mut tx, key, || Outcome::Review(review.clone())).await?;
-        self.commit(tx).await?;
-        Ok(Committed { value: review, event: Some(event) })
+        let event_id: i64 = row.try_get("event_id").map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let event = event(review.id, review.version);
+        Ok((review, (event_id, event)))
     }
 
     /// Changes rating and/or text; only the author or a moderator.

@@ -41,6 +41,51 @@ async fn a_created_review_is_visible_in_the_very_next_read() {
     assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1, "the event is in the outbox");
 }
 
+/// A create is one statement that also appends its event: the event the
+/// outbox holds (what a background relay reads after a crash) is exactly
+/// the one the writer relayed from memory, id and version included, with
+/// and without an idempotency key; and a refused create appends nothing.
+#[tokio::test]
+async fn a_created_reviews_outbox_event_is_the_one_its_writer_relayed() {
+    use ugc_subgraph::domain::event::{Event, ReviewChange};
+    use ugc_subgraph::domain::{EntityId, Rating, ReviewStatus, ReviewText};
+    use ugc_subgraph::store::idempotency::IdempotencyKey;
+    use ugc_subgraph::store::NewReview;
+
+    let app = TestApp::start_without_background(&[]).await;
+    let new = |author: &str| NewReview {
+        offer_id: EntityId::new("offer-outbox", "offerId").unwrap(),
+        author_id: EntityId::new(author, "sub").unwrap(),
+        rating: Rating::new(4).unwrap(),
+        text: ReviewText::new("payload").unwrap(),
+        status: ReviewStatus::Published,
+    };
+    let key = IdempotencyKey { user: "bob".into(), key: "k-1".into(), fingerprint: "createReview".into() };
+    for (author, key) in [("alice", None), ("bob", Some(&key))] {
+        let committed = app.state.store.create_review(new(author), key).await.unwrap();
+        let (event_id, event) = committed.event.unwrap();
+        let expected = Event::ReviewChanged {
+            review_id: committed.value.id,
+            offer_id: "offer-outbox".into(),
+            author_id: author.into(),
+            change: ReviewChange::Created,
+            version: committed.value.version,
+        };
+        assert_eq!(event, expected);
+        let stored: serde_json::Value = sqlx::query_scalar("SELECT event FROM outbox WHERE id = $1")
+            .bind(event_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        assert_eq!(serde_json::from_value::<Event>(stored).unwrap(), expected, "as the relay reads it");
+    }
+    let events =
+        async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.db).await.unwrap() };
+    let before = events().await;
+    assert!(app.state.store.create_review(new("alice"), None).await.is_err(), "alice already reviewed it");
+    assert_eq!(events().await, before, "a refused create appends no event");
+}
+
 #[tokio::test]
 async fn one_review_per_user_and_offer() {
     let app = TestApp::start().await;
