@@ -170,30 +170,24 @@ impl Events {
     pub async fn after_commit(&self, event_id: i64, tags: &[Tag]) {
         // Before relaying: acknowledgements may arrive as soon as it commits.
         let pending = self.visibility.expect(event_id);
-        let mut live = None;
-        if tags.len() <= TAGS_PER_PASS {
+        let relayed = if tags.len() <= TAGS_PER_PASS {
             let span = crate::work_span!("outbox.relay", events = 1, tags = tags.len());
-            match self.relay_own(event_id, tags, pending.is_some()).instrument(span).await {
-                Ok(own) => live = own,
-                Err(e) => {
-                    // This instance's L1 must not serve the old value to this caller's next request.
-                    self.cache.invalidate_local(tags);
-                    tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
-                    self.wake();
-                }
-            }
+            self.relay_own(event_id, tags, pending.is_some()).instrument(span).await
         } else {
-            // Bumped here only when the relay did not (not claimed: another
-            // relay holds or held it; failed).
-            match self.relay(Some(event_id)).await {
-                Ok(_) => self.cache.invalidate_local(tags),
-                Err(e) => {
-                    self.cache.invalidate_local(tags);
-                    tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
-                    self.wake();
-                }
-            }
-        }
+            // The claimed path bumps this L1 only for what it claimed (here:
+            // maybe nothing, another relay holding or having held it).
+            self.relay(Some(event_id)).await.map(|_| {
+                self.cache.invalidate_local(tags);
+                None
+            })
+        };
+        let live = relayed.unwrap_or_else(|e| {
+            // This instance's L1 must not serve the old value to this caller's next request.
+            self.cache.invalidate_local(tags);
+            tracing::warn!(event_id, error = %e, "relaying after commit failed; the background relay will retry");
+            self.wake();
+            None
+        });
         if let Some(pending) = pending {
             self.visibility.wait(pending, live).await;
         }
@@ -211,15 +205,7 @@ impl Events {
         let position = self.store.write_position().await?;
         // Before any token moves (see `apply_claimed`).
         self.store.require(position);
-        let token = u64::try_from(id).unwrap_or(0);
-        let (mut watermark, mut applied) = (Some(position), 0);
-        for chunk in tags.chunks(L2_CHUNK) {
-            if !self.cache.invalidate_shared_after(watermark, chunk, token).await {
-                break;
-            }
-            watermark = None;
-            applied += chunk.len();
-        }
+        let applied = self.apply_shared(&mut Some(position), tags, id).await;
         // Once, after L2's tokens moved: bumping it also before refused
         // every fragment rendered in between from the old L2, and under
         // writes the hottest offers' waiting requests all rendered them again.
@@ -238,15 +224,37 @@ impl Events {
             router.forward(&tags[..applied]);
         }
         if parked {
-            self.metrics.outbox_parked.inc();
-            tracing::error!(
-                event = id,
-                "outbox event parked after {MAX_ATTEMPTS} failed passes; requeue it once Redis is healthy"
-            );
+            self.parked(id, applied, tags.len());
         } else if applied < tags.len() {
             tracing::warn!(event = id, "shared cache invalidation deferred (Redis unavailable); will retry");
         }
         Ok(live)
+    }
+
+    /// Moves the L2 tokens of `tags` to event `id`, in chunks, the
+    /// watermark with the first chunk Redis takes; returns how many tags
+    /// (from the start) it took.
+    async fn apply_shared(&self, watermark: &mut Option<u64>, tags: &[Tag], id: i64) -> usize {
+        let token = u64::try_from(id).unwrap_or(0);
+        let mut applied = 0;
+        for chunk in tags.chunks(L2_CHUNK) {
+            if !self.cache.invalidate_shared_after(*watermark, chunk, token).await {
+                break;
+            }
+            *watermark = None;
+            applied += chunk.len();
+        }
+        applied
+    }
+
+    fn parked(&self, event: i64, applied: usize, tags: usize) {
+        self.metrics.outbox_parked.inc();
+        tracing::error!(
+            event,
+            applied,
+            tags,
+            "outbox event parked after {MAX_ATTEMPTS} failed passes; requeue it once Redis is healthy"
+        );
     }
 
     /// Claims and applies events; returns how many were claimed.
@@ -293,15 +301,7 @@ impl Events {
             let tags = cascade::tags(event);
             let start = (*progress).min(tags.len());
             let window = &tags[start..(start + TAGS_PER_PASS).min(tags.len())];
-            let token = u64::try_from(*id).unwrap_or(0);
-            let mut applied = 0;
-            for chunk in window.chunks(L2_CHUNK) {
-                if !self.cache.invalidate_shared_after(watermark, chunk, token).await {
-                    break;
-                }
-                watermark = None;
-                applied += chunk.len();
-            }
+            let applied = self.apply_shared(&mut watermark, window, *id).await;
             self.cache.invalidate_local(window);
             if self.router.is_some() {
                 forwarded.extend_from_slice(&window[..applied]);
@@ -320,13 +320,7 @@ impl Events {
                 retried += 1;
                 self.metrics.outbox_retries.inc();
                 if self.store.retry_event(&mut tx, *id, reached, MAX_ATTEMPTS).await? {
-                    self.metrics.outbox_parked.inc();
-                    tracing::error!(
-                        event = id,
-                        applied = reached,
-                        tags = tags.len(),
-                        "outbox event parked after {MAX_ATTEMPTS} failed passes; requeue it once Redis is healthy"
-                    );
+                    self.parked(*id, reached, tags.len());
                 }
             }
         }
