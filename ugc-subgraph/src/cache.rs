@@ -326,26 +326,19 @@ impl<S: Source> Cache<S> {
     }
 
     /// The current L1 token of a tag: taken before a read, it fences
-    /// anything derived from that read (see [`Cache::tokens_current`]).
+    /// anything derived from that read (see [`Cache::stamps_current`]).
     pub fn token(&self, tag: &Tag) -> u64 {
         self.inner.gens.current(tag)
     }
 
-    /// True when no tag was invalidated since its token was taken.
-    pub fn tokens_current(&self, deps: &[(Tag, u64)]) -> bool {
-        deps.iter().all(|(tag, token)| self.inner.gens.current(tag) == *token)
-    }
-
-    /// `deps` as stamps, for a value checked again and again (a rendered
-    /// fragment): [`Cache::stamps_current`] answers as
-    /// [`Cache::tokens_current`] does, without hashing a tag.
+    /// `deps` (tags with the tokens taken before their reads) as stamps,
+    /// for a value checked again and again (a rendered fragment): checked
+    /// by [`Cache::stamps_current`] without hashing a tag.
     pub fn stamps(&self, deps: &[(Tag, u64)]) -> Box<[Stamp]> {
-        let mut stamps: Vec<Stamp> = deps.iter().map(|(tag, token)| self.inner.gens.stamp(tag, *token)).collect();
-        stamps.dedup();
-        stamps.into_boxed_slice()
+        deps.iter().map(|(tag, token)| self.inner.gens.stamp(tag, *token)).collect()
     }
 
-    /// Are all `stamps` still current on this instance?
+    /// True when no tag of `stamps` was invalidated since its token was taken.
     pub fn stamps_current(&self, stamps: &[Stamp]) -> bool {
         stamps.iter().all(|&stamp| self.inner.gens.stamp_current(stamp))
     }
