@@ -34,6 +34,10 @@ pub use reads::RowVersion;
 pub use replica::ReplicaState;
 pub use writes::{Committed, NewReview, ReviewPatch};
 
+/// A pooled connection idle this long is pinged before it is handed out
+/// (see `Store::connect`).
+const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Migrations embedded in the binary; applied by `serve` and `migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -100,6 +104,23 @@ impl Store {
                 .max_connections(config.pool_size)
                 .min_connections(1)
                 .acquire_timeout(config.acquire_timeout)
+                // sqlx pings a connection on every acquire by default, and
+                // again when it goes back to the pool: three round trips
+                // (and three wake-ups of its Postgres backend) per
+                // statement. The ping on return stays (sqlx 0.8 always
+                // makes it), so a connection handed out seconds after its
+                // last use was checked then; only one that sat idle longer
+                // is pinged again, as HikariCP does (its 500 ms bypass
+                // window).
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IF_IDLE_FOR {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_lazy_with(options))
         };
         let primary = pool(&config.url)?;

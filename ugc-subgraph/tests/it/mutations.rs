@@ -289,3 +289,26 @@ async fn a_write_retried_with_its_idempotency_key_gets_the_first_answer() {
     assert_eq!((status, error_code(&bad)), (400, Some("BAD_USER_INPUT")), "{bad}");
     assert_eq!(app.count("SELECT count(*) FROM idempotency_keys").await, 3, "create, update, delete");
 }
+
+/// Pooled connections are not pinged before every statement (see
+/// `Store::connect`), only once they sat idle: one that Postgres closed
+/// meanwhile is replaced, not handed to a write.
+#[tokio::test]
+async fn a_write_after_postgres_dropped_the_idle_pool_gets_a_live_connection() {
+    let app = TestApp::start_without_background(&[]).await;
+    let first = create(&app, "alice", "offer-p", 4, "before").await;
+    assert!(first["errors"].is_null(), "{first}");
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'ugc-subgraph' \
+           AND query NOT ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "found the pool's connections");
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    let second = create(&app, "bob", "offer-p", 2, "after").await;
+    assert!(second["errors"].is_null(), "the dead connection was not used: {second}");
+    assert_eq!(second["data"]["createReview"]["text"], "after");
+}
