@@ -28,8 +28,12 @@ pub struct RawRequest<'a> {
     pub query: Cow<'a, str>,
     #[serde(default, rename = "operationName", borrow)]
     pub operation_name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    variables: Option<&'a RawValue>,
+    /// Read in the same pass as the rest (a second pass over them, from
+    /// a `RawValue`, was 2.5 % of a fragment answer's CPU): an object of
+    /// plainly written names, or `null`, or absent; anything else makes
+    /// the whole body one for the full parse.
+    #[serde(default, borrow, deserialize_with = "variables")]
+    variables: RawVariables<'a>,
     /// Read only to refuse what the full parse refuses (not an object).
     #[serde(default, borrow)]
     #[allow(dead_code)]
@@ -37,6 +41,7 @@ pub struct RawRequest<'a> {
 }
 
 /// The request's variables by name, each still JSON text.
+#[derive(Default)]
 pub struct RawVariables<'a> {
     values: HashMap<&'a str, &'a RawValue, foldhash::fast::RandomState>,
     /// A list's length already known to whoever read the list (the entity
@@ -53,15 +58,17 @@ impl<'a> RawRequest<'a> {
         serde_json::from_slice(body).ok()
     }
 
-    /// Its variables (none sent, or `null`: none); `None` when they are
-    /// not an object of plainly written names.
-    pub fn variables(&self) -> Option<RawVariables<'a>> {
-        let values = match self.variables {
-            None => HashMap::default(),
-            Some(raw) => serde_json::from_str(raw.get()).ok()?,
-        };
-        Some(RawVariables { values, known_len: Cell::new(None) })
+    /// Its variables (none sent, or `null`: none).
+    pub fn variables(&self) -> &RawVariables<'a> {
+        &self.variables
     }
+}
+
+/// Generic in both lifetimes: `RawVariables` is invariant in its own (a
+/// `Cell` of borrowed names), so it is built at the request's.
+fn variables<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<RawVariables<'a>, D::Error> {
+    let values: Option<HashMap<&'a str, &'a RawValue, foldhash::fast::RandomState>> = Deserialize::deserialize(d)?;
+    Ok(RawVariables { values: values.unwrap_or_default(), known_len: Cell::new(None) })
 }
 
 impl<'a> RawVariables<'a> {
@@ -115,7 +122,7 @@ mod tests {
         assert_eq!(raw.query, full.query);
         assert!(matches!(raw.query, Cow::Borrowed(_)), "no copy of an unescaped text");
         assert_eq!(raw.operation_name.as_deref(), full.operation_name.as_deref());
-        let vars = raw.variables().unwrap();
+        let vars = raw.variables();
         for name in ["n", "s", "l", "f", "absent"] {
             assert_eq!(vars.count(name), full.variables.count(name), "{name}");
             assert_eq!(vars.list_len(name), full.variables.list_len(name), "{name}");
@@ -137,12 +144,14 @@ mod tests {
             br#"{"query":"{ a }","query":"{ b }"}"#,
             br#"{"query":"{ a }","extensions":[1]}"#,
             b"null",
+            br#"{"query":"{ a }","variables":[1]}"#,
+            br#"{"query":"{ a }","variables":{"\u006e":1}}"#,
         ] {
             assert!(RawRequest::parse(body).is_none(), "{}", String::from_utf8_lossy(body));
         }
-        let not_an_object = RawRequest::parse(br#"{"query":"{ a }","variables":[1]}"#).unwrap();
-        assert!(not_an_object.variables().is_none());
         let none = RawRequest::parse(br#"{"query":"{ a }","variables":null}"#).unwrap();
-        assert_eq!(none.variables().unwrap().count("n"), None);
+        assert_eq!(none.variables().count("n"), None);
+        let absent = RawRequest::parse(br#"{"query":"{ a }"}"#).unwrap();
+        assert_eq!(absent.variables().count("n"), None);
     }
 }

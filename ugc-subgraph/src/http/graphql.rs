@@ -121,15 +121,15 @@ pub async fn execute(
 fn from_fragments(state: &AppState, headers: &HeaderMap, body: &[u8], format: &'static str) -> Option<Response> {
     let started = Instant::now();
     let request = RawRequest::parse(body)?;
-    let variables = request.variables()?;
+    let variables = request.variables();
     if request.query.trim().is_empty() || idempotency_header(headers).is_err() {
         return None;
     }
     let limits = state.cost.limits();
     let Verdict::Analysed(analysis) = state.cost.analyse(&request.query) else { return None };
-    let hits = state.entity_cache.hits(&request, &variables, limits.max_representations)?;
+    let hits = state.entity_cache.hits(&request, variables, limits.max_representations)?;
     let operation = request.operation_name.as_deref();
-    let admitted = analysis.as_ref().as_ref().ok()?.admit(operation, &variables, limits).ok()?;
+    let admitted = analysis.as_ref().as_ref().ok()?.admit(operation, variables, limits).ok()?;
     if admitted.mutation || cost::check_request(1, admitted.cost, limits).is_err() {
         return None;
     }
