@@ -607,7 +607,7 @@ def main():
         print(sh(BIN, "seed", "--offers", str(OFFERS), "--users", str(USERS), "--reviews", str(REVIEWS), "--seed", "42",
                  env=dict(os.environ, DATABASE_URL=DB_URL, RUST_LOG="error")).strip())
         # The seed leaves ~1 GB of dirty pages; written back during the first
-        # runs they cost those runs a quarter of their throughput.
+        # runs they cost those runs about a fifth of their throughput.
         psql("CHECKPOINT")
     run = int(time.time())
     if BASELINE_BIN and want("baseline"):
